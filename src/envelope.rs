@@ -1,0 +1,284 @@
+//! JSON text of the events the server sends to clients. Hand-written
+//! because the shapes are fixed and this runs once per chat message per
+//! worker, where a general serializer would only add allocations.
+
+/// Which presence event to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Join,
+    Leave,
+}
+
+/// Room of slack for escapes and the decimal timestamp, so typical events
+/// never reallocate.
+const SLACK: usize = 32;
+
+pub fn welcome(room: &str, user: &str, ts_ms: u64) -> String {
+    let mut out = String::with_capacity(48 + room.len() + user.len() + SLACK);
+    out.push_str(r#"{"type":"welcome","room":"#);
+    push_string(&mut out, room);
+    out.push_str(r#","user":"#);
+    push_string(&mut out, user);
+    push_ts_and_close(&mut out, ts_ms);
+    out
+}
+
+pub fn message(room: &str, user: &str, text: &str, ts_ms: u64, id: &str) -> String {
+    let mut out =
+        String::with_capacity(64 + room.len() + user.len() + text.len() + id.len() + SLACK);
+    out.push_str(r#"{"type":"message","room":"#);
+    push_string(&mut out, room);
+    out.push_str(r#","user":"#);
+    push_string(&mut out, user);
+    out.push_str(r#","text":"#);
+    push_string(&mut out, text);
+    push_ts_id_and_close(&mut out, ts_ms, id);
+    out
+}
+
+pub fn presence(kind: Presence, room: &str, user: &str, ts_ms: u64, id: &str) -> String {
+    let mut out = String::with_capacity(56 + room.len() + user.len() + id.len() + SLACK);
+    out.push_str(match kind {
+        Presence::Join => r#"{"type":"join","room":"#,
+        Presence::Leave => r#"{"type":"leave","room":"#,
+    });
+    push_string(&mut out, room);
+    out.push_str(r#","user":"#);
+    push_string(&mut out, user);
+    push_ts_id_and_close(&mut out, ts_ms, id);
+    out
+}
+
+pub fn error(room: &str, code: &str, message: &str, ts_ms: u64) -> String {
+    let mut out = String::with_capacity(56 + room.len() + code.len() + message.len() + SLACK);
+    out.push_str(r#"{"type":"error","room":"#);
+    push_string(&mut out, room);
+    out.push_str(r#","code":"#);
+    push_string(&mut out, code);
+    out.push_str(r#","message":"#);
+    push_string(&mut out, message);
+    push_ts_and_close(&mut out, ts_ms);
+    out
+}
+
+/// Event ids: a per-worker random seed makes them unique across workers and
+/// hosts without coordination; the counter makes them unique within one.
+pub struct IdGen {
+    seed: u64,
+    counter: u64,
+}
+
+/// The seed is printed as exactly 12 hex digits, i.e. 48 bits.
+const SEED_MASK: u64 = (1 << 48) - 1;
+
+impl IdGen {
+    pub fn new(seed: u64) -> Self {
+        IdGen {
+            seed: seed & SEED_MASK,
+            counter: 0,
+        }
+    }
+
+    pub fn next_id(&mut self) -> String {
+        self.counter += 1;
+        format!("{:012x}-{:x}", self.seed, self.counter)
+    }
+}
+
+fn push_ts_and_close(out: &mut String, ts_ms: u64) {
+    out.push_str(r#","ts":"#);
+    push_u64(out, ts_ms);
+    out.push('}');
+}
+
+fn push_ts_id_and_close(out: &mut String, ts_ms: u64, id: &str) {
+    out.push_str(r#","ts":"#);
+    push_u64(out, ts_ms);
+    out.push_str(r#","id":"#);
+    push_string(out, id);
+    out.push('}');
+}
+
+/// Avoids `to_string()`'s temporary allocation.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &buf[i..] {
+        out.push(char::from(d));
+    }
+}
+
+/// Appends `s` as a quoted JSON string (RFC 8259). U+2028/U+2029 are also
+/// escaped: they are legal in JSON but end a line in older JavaScript, which
+/// would break clients that splice the text into script.
+fn push_string(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    let bytes = s.as_bytes();
+    // Copy unescaped runs in one go; every split point is an ASCII byte or
+    // the lead byte of U+2028/9, so slices stay on char boundaries.
+    let mut run_start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let (escape, width): (Option<&str>, usize) = match b {
+            b'"' => (Some("\\\""), 1),
+            b'\\' => (Some("\\\\"), 1),
+            b'\n' => (Some("\\n"), 1),
+            b'\r' => (Some("\\r"), 1),
+            b'\t' => (Some("\\t"), 1),
+            0x08 => (Some("\\b"), 1),
+            0x0c => (Some("\\f"), 1),
+            // Remaining controls have no short form.
+            0x00..=0x1f => (None, 1),
+            0xe2 if bytes.get(i + 1) == Some(&0x80) && bytes.get(i + 2) == Some(&0xa8) => {
+                (Some("\\u2028"), 3)
+            }
+            0xe2 if bytes.get(i + 1) == Some(&0x80) && bytes.get(i + 2) == Some(&0xa9) => {
+                (Some("\\u2029"), 3)
+            }
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        out.push_str(&s[run_start..i]);
+        match escape {
+            Some(e) => out.push_str(e),
+            None => {
+                out.push_str("\\u00");
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0x0f)]));
+            }
+        }
+        i += width;
+        run_start = i;
+    }
+    out.push_str(&s[run_start..]);
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quoted(s: &str) -> String {
+        let mut out = String::new();
+        push_string(&mut out, s);
+        out
+    }
+
+    #[test]
+    fn escapes_quote_and_backslash() {
+        assert_eq!(quoted(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(quoted(r"\\"), r#""\\\\""#);
+    }
+
+    #[test]
+    fn escapes_named_controls() {
+        assert_eq!(quoted("\n\r\t\u{8}\u{c}"), r#""\n\r\t\b\f""#);
+    }
+
+    #[test]
+    fn escapes_other_controls_as_hex() {
+        assert_eq!(quoted("\u{0}x\u{1}\u{1f}"), r#""\u0000x\u0001\u001f""#);
+        assert_eq!(quoted("\u{b}"), r#""\u000b""#);
+    }
+
+    #[test]
+    fn leaves_del_and_slash_alone() {
+        // Neither needs escaping in JSON.
+        assert_eq!(quoted("\u{7f}/ "), "\"\u{7f}/ \"");
+    }
+
+    #[test]
+    fn escapes_line_and_paragraph_separators() {
+        assert_eq!(quoted("a\u{2028}b\u{2029}"), r#""a\u2028b\u2029""#);
+        // Same lead bytes, different code point: must stay verbatim.
+        assert_eq!(
+            quoted("\u{2027}\u{202a}\u{20ac}"),
+            "\"\u{2027}\u{202a}\u{20ac}\""
+        );
+    }
+
+    #[test]
+    fn unicode_verbatim() {
+        assert_eq!(quoted("héllo 世界 🎉"), "\"héllo 世界 🎉\"");
+        assert_eq!(quoted("🎉\n世"), "\"🎉\\n世\"");
+        assert_eq!(quoted(""), "\"\"");
+    }
+
+    #[test]
+    fn numbers() {
+        let mut s = String::new();
+        push_u64(&mut s, 0);
+        s.push(' ');
+        push_u64(&mut s, 1_700_000_000_123);
+        s.push(' ');
+        push_u64(&mut s, u64::MAX);
+        assert_eq!(s, "0 1700000000123 18446744073709551615");
+    }
+
+    #[test]
+    fn welcome_shape() {
+        assert_eq!(
+            welcome("lobby", "ann", 1_700_000_000_000),
+            r#"{"type":"welcome","room":"lobby","user":"ann","ts":1700000000000}"#
+        );
+    }
+
+    #[test]
+    fn message_shape() {
+        assert_eq!(
+            message("r\"1", "bob", "hi\nthere", 5, "00000000002a-1"),
+            r#"{"type":"message","room":"r\"1","user":"bob","text":"hi\nthere","ts":5,"id":"00000000002a-1"}"#
+        );
+    }
+
+    #[test]
+    fn presence_shapes() {
+        assert_eq!(
+            presence(Presence::Join, "lobby", "ann", 7, "x-1"),
+            r#"{"type":"join","room":"lobby","user":"ann","ts":7,"id":"x-1"}"#
+        );
+        assert_eq!(
+            presence(Presence::Leave, "lobby", "ann", 8, "x-2"),
+            r#"{"type":"leave","room":"lobby","user":"ann","ts":8,"id":"x-2"}"#
+        );
+    }
+
+    #[test]
+    fn error_shape() {
+        assert_eq!(
+            error("lobby", "backlog_full", "too \"slow\"", 9),
+            r#"{"type":"error","room":"lobby","code":"backlog_full","message":"too \"slow\"","ts":9}"#
+        );
+    }
+
+    #[test]
+    fn ids_unique_and_formatted() {
+        let mut g = IdGen::new(0xabc);
+        assert_eq!(g.next_id(), "000000000abc-1");
+        assert_eq!(g.next_id(), "000000000abc-2");
+        for _ in 0..13 {
+            g.next_id();
+        }
+        assert_eq!(g.next_id(), "000000000abc-10");
+        // Different seeds never collide even with equal counters.
+        assert_ne!(IdGen::new(1).next_id(), IdGen::new(2).next_id());
+    }
+
+    #[test]
+    fn id_seed_is_always_12_digits() {
+        let id = IdGen::new(u64::MAX).next_id();
+        assert_eq!(id, "ffffffffffff-1");
+    }
+}

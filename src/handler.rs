@@ -1,0 +1,192 @@
+//! The content handler of a `websocket_chat` location: checks the opening
+//! handshake, answers 101 and hands the connection to a `Session`.
+
+use core::ptr;
+
+use ngx::ffi::{
+    ngx_http_complex_value, ngx_http_complex_value_t, ngx_http_request_t, ngx_http_send_header,
+    ngx_http_send_special, ngx_int_t, ngx_str_t, ngx_tcp_nodelay, NGX_DECLINED, NGX_DONE,
+    NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FLUSH, NGX_HTTP_INTERNAL_SERVER_ERROR,
+    NGX_HTTP_SWITCHING_PROTOCOLS, NGX_LOG_INFO, NGX_OK,
+};
+use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule, Request};
+use ngx::ngx_log_error;
+
+use crate::conf;
+use crate::handshake::{self, Rejection};
+use crate::session::Session;
+use crate::{names, worker};
+
+pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls content handlers with a live request.
+    let req = unsafe { &mut *r };
+    if !ptr::eq(req.main, r) {
+        return NGX_DECLINED as ngx_int_t;
+    }
+    let log = req.connection_log();
+
+    let accept = match check_handshake(req) {
+        Ok(accept) => accept,
+        Err(rejection) => {
+            ngx_log_error!(
+                NGX_LOG_INFO,
+                log,
+                "websocket_chat: handshake rejected: {}",
+                rejection
+            );
+            return reject(req, rejection);
+        }
+    };
+    // A body would sit where the first frames are expected.
+    if req.headers_in.content_length_n > 0 || req.headers_in.chunked() != 0 {
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            log,
+            "websocket_chat: handshake rejected: request has a body"
+        );
+        return NGX_HTTP_BAD_REQUEST as ngx_int_t;
+    }
+
+    let (Some(lc), Some(main)) = (conf::loc_conf_of(req), conf::main_conf(req)) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    let room = names::room(&evaluate(req, lc.room()));
+    let user = names::user(&evaluate(req, lc.user()), worker::random());
+    let Some(link) = worker::link(main, lc.redis()) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+
+    if let Err(rc) = send_switching_protocols(req, &accept) {
+        return rc;
+    }
+
+    // The client may have sent its first frames in the same packet as the
+    // handshake; they already sit in the header buffer.
+    let preread = take_preread(req);
+    // SAFETY: the count keeps the request (and its connection) alive after
+    // the handler returns NGX_DONE; the session releases it when it ends.
+    unsafe {
+        let main_req = &mut *req.main;
+        main_req.set_count(main_req.count() + 1);
+        if Session::start(r, link, room, user, preread).is_err() {
+            return NGX_ERROR as ngx_int_t;
+        }
+    }
+    NGX_DONE as ngx_int_t
+}
+
+trait ConnectionLog {
+    fn connection_log(&self) -> *mut ngx::ffi::ngx_log_t;
+}
+
+impl ConnectionLog for ngx_http_request_t {
+    fn connection_log(&self) -> *mut ngx::ffi::ngx_log_t {
+        // SAFETY: a live request has a live connection; its log carries the
+        // client address in every line.
+        unsafe { (*self.connection).log }
+    }
+}
+
+fn check_handshake(req: &mut ngx_http_request_t) -> Result<String, Rejection> {
+    // SAFETY: the request is live; Request is a transparent wrapper.
+    let request = unsafe { Request::from_ngx_http_request(req) };
+    let headers: Vec<(&[u8], &[u8])> = request
+        .headers_in_iterator()
+        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+        .collect();
+    handshake::accept(&handshake::Request {
+        method: req.method_name.as_bytes(),
+        http_version: req.http_version as u32,
+        headers: &headers,
+    })
+}
+
+/// Answers a failed handshake. 426 must name the version we speak.
+fn reject(req: &mut ngx_http_request_t, rejection: Rejection) -> ngx_int_t {
+    if rejection == Rejection::Version {
+        // SAFETY: the request is live.
+        let request = unsafe { Request::from_ngx_http_request(req) };
+        if request
+            .add_header_out("Sec-WebSocket-Version", "13")
+            .is_none()
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
+        // nginx has no reason phrase of its own for 426.
+        req.headers_out.status_line = static_str(b"426 Upgrade Required");
+    }
+    rejection.status() as ngx_int_t
+}
+
+fn static_str(s: &'static [u8]) -> ngx_str_t {
+    ngx_str_t {
+        len: s.len(),
+        data: s.as_ptr().cast_mut(),
+    }
+}
+
+fn evaluate(req: &mut ngx_http_request_t, cv: Option<&ngx_http_complex_value_t>) -> Vec<u8> {
+    let Some(cv) = cv else {
+        return Vec::new();
+    };
+    let mut value = ngx_str_t::default();
+    // SAFETY: cv was compiled at configuration time for this location; the
+    // result lives in the request pool, and is copied out at once.
+    let rc = unsafe { ngx_http_complex_value(req, ptr::from_ref(cv).cast_mut(), &mut value) };
+    if rc != NGX_OK as isize {
+        return Vec::new();
+    }
+    value.as_bytes().to_vec()
+}
+
+fn send_switching_protocols(req: &mut ngx_http_request_t, accept: &str) -> Result<(), ngx_int_t> {
+    req.headers_out.status = NGX_HTTP_SWITCHING_PROTOCOLS as usize;
+    req.headers_out.status_line = static_str(b"101 Switching Protocols");
+    req.set_keepalive(0);
+    {
+        // SAFETY: the request is live.
+        let request = unsafe { Request::from_ngx_http_request(req) };
+        // nginx's header filter adds "Connection: upgrade" for a 101.
+        request
+            .add_header_out("Upgrade", "websocket")
+            .ok_or(NGX_ERROR as ngx_int_t)?;
+        request
+            .add_header_out("Sec-WebSocket-Accept", accept)
+            .ok_or(NGX_ERROR as ngx_int_t)?;
+    }
+    // SAFETY: the request is live.
+    let rc = unsafe { ngx_http_send_header(req) };
+    if rc == NGX_ERROR as isize || rc > NGX_OK as isize {
+        return Err(rc);
+    }
+    // Small headers wait for more output in nginx's write filter; push the
+    // 101 out now, as nginx's own upgrade path does.
+    // SAFETY: the request is live.
+    if unsafe { ngx_http_send_special(req, NGX_HTTP_FLUSH as _) } == NGX_ERROR as isize {
+        return Err(NGX_ERROR as ngx_int_t);
+    }
+    // SAFETY: the request and its location configuration are live.
+    unsafe {
+        if let Some(clcf) = NgxHttpCoreModule::location_conf(&*req) {
+            if clcf.tcp_nodelay != 0 {
+                ngx_tcp_nodelay(req.connection);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn take_preread(req: &mut ngx_http_request_t) -> Vec<u8> {
+    let b = req.header_in;
+    if b.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: header_in is the request's live header buffer; pos..last are
+    // the bytes read past the end of the request headers.
+    unsafe {
+        let len = (*b).last.offset_from((*b).pos) as usize;
+        let bytes = std::slice::from_raw_parts((*b).pos, len).to_vec();
+        (*b).pos = (*b).last;
+        bytes
+    }
+}

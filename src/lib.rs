@@ -1,0 +1,124 @@
+//! `ngx_http_websocket_chat_module`: WebSocket chat rooms served from nginx's
+//! own event loop and shared across workers and hosts through Redis pub/sub.
+//!
+//! Where a message goes, file by file:
+//! `handler` (handshake, 101) → `session` (frames in and out, over `client_io`)
+//! → `redis_link` (PUBLISH on the command connection) → Redis → `redis_link`
+//! (subscriber connection) → `room` registry → every local `session`.
+
+use core::ffi::{c_char, c_void};
+use core::ptr;
+
+use ngx::ffi::{
+    ngx_command_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t,
+    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
+    NGX_HTTP_MAIN_CONF, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_OK,
+};
+use ngx::ngx_string;
+
+mod backoff;
+mod client_io;
+mod conf;
+pub mod envelope;
+mod handler;
+pub mod handshake;
+pub mod names;
+mod peer;
+pub mod redis_addr;
+mod redis_link;
+pub mod resp;
+pub mod room;
+mod send_queue;
+mod session;
+mod time;
+mod worker;
+
+static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
+    preconfiguration: None,
+    postconfiguration: None,
+    create_main_conf: Some(conf::create_main_conf),
+    init_main_conf: None,
+    create_srv_conf: None,
+    merge_srv_conf: None,
+    create_loc_conf: Some(conf::create_loc_conf),
+    merge_loc_conf: Some(conf::merge_loc_conf),
+};
+
+const ANY_LEVEL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
+
+static mut COMMANDS: [ngx_command_t; 5] = [
+    ngx_command_t {
+        name: ngx_string!("websocket_chat"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(conf::set_websocket_chat),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("websocket_chat_redis"),
+        type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(conf::set_redis),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("websocket_chat_room"),
+        type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(conf::set_room),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("websocket_chat_user"),
+        type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(conf::set_user),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t::empty(),
+];
+
+// nginx's own build generates the module list for a dynamic module; a plain
+// `cargo build` has to export it itself.
+#[cfg(feature = "export-modules")]
+ngx::ngx_modules!(ngx_http_websocket_chat_module);
+
+#[used]
+#[allow(non_upper_case_globals)]
+#[no_mangle]
+pub static mut ngx_http_websocket_chat_module: ngx_module_t = ngx_module_t {
+    ctx: ptr::addr_of!(MODULE_CTX) as *mut c_void,
+    // nginx reads the command table during configuration only; it is never
+    // written.
+    commands: ptr::addr_of_mut!(COMMANDS) as *mut ngx_command_t,
+    type_: NGX_HTTP_MODULE as ngx_uint_t,
+    init_process: Some(init_process),
+    exit_process: Some(exit_process),
+    ..ngx_module_t::default()
+};
+
+/// The module's `ngx_module_t`, for looking up its configuration and request
+/// context.
+pub(crate) fn module() -> &'static ngx_module_t {
+    // SAFETY: nginx writes `ctx_index`/`index` into the module while loading
+    // the configuration, before any worker code runs; afterwards it is only read.
+    unsafe { &*ptr::addr_of!(ngx_http_websocket_chat_module) }
+}
+
+extern "C" fn init_process(_cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    worker::init();
+    NGX_OK as ngx_int_t
+}
+
+extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+    worker::shutdown();
+}
+
+/// nginx reports configuration errors as this sentinel pointer.
+pub(crate) fn conf_error() -> *mut c_char {
+    ngx::core::NGX_CONF_ERROR
+}

@@ -1,0 +1,236 @@
+//! One TCP (or unix-socket) connection to Redis, opened with nginx's
+//! `ngx_event_connect_peer` and driven by nginx read/write events. This is the
+//! thin FFI layer; what the bytes mean is `redis_link`'s business.
+
+use core::ffi::{c_int, c_void};
+use core::{mem, ptr};
+use std::io;
+
+use ngx::ffi::{
+    ngx_close_connection, ngx_connection_t, ngx_event_connect_peer, ngx_event_get_peer,
+    ngx_event_handler_pt, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event, ngx_log_t,
+    ngx_peer_connection_t, ngx_str_t, sockaddr, NGX_AGAIN, NGX_ERROR, NGX_OK,
+};
+
+use crate::send_queue::{Flushed, SendFailed, SendQueue};
+
+/// How much to read from Redis per `recv` call.
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Down,
+    Connecting,
+    Up,
+}
+
+#[derive(Debug)]
+pub enum ReadOutcome {
+    /// Some bytes were appended; the socket has no more for now.
+    Data,
+    /// Redis closed the connection or it failed.
+    Closed,
+}
+
+pub struct PeerConn {
+    pc: ngx_peer_connection_t,
+    sockaddr: Box<[u8]>,
+    name_text: Box<[u8]>,
+    name: ngx_str_t,
+    log: ngx_log_t,
+    pub state: State,
+    pub queue: SendQueue,
+    pub inbuf: Vec<u8>,
+    /// Fires the next reconnect attempt; cancelable so it never holds a
+    /// worker that is shutting down.
+    pub retry: ngx_event_t,
+}
+
+impl PeerConn {
+    pub fn new(sockaddr: &[u8], name: &str, log: *const ngx_log_t, backlog: usize) -> Self {
+        PeerConn {
+            // SAFETY: all-zero is the initial state nginx expects for these.
+            pc: unsafe { mem::zeroed() },
+            sockaddr: sockaddr.into(),
+            name_text: name.as_bytes().into(),
+            name: ngx_str_t::default(),
+            // SAFETY: the worker's cycle log outlives every connection; a copy
+            // keeps per-connection fields from leaking into the cycle's log.
+            log: unsafe { ptr::read(log) },
+            state: State::Down,
+            queue: SendQueue::new(backlog),
+            inbuf: Vec::new(),
+            retry: unsafe { mem::zeroed() },
+        }
+    }
+
+    fn connection(&self) -> Option<*mut ngx_connection_t> {
+        (!self.pc.connection.is_null()).then_some(self.pc.connection)
+    }
+
+    /// Starts connecting. `data` is what the event handlers will find in
+    /// `c->data`. Returns the new state (`Down` if the attempt failed at once).
+    ///
+    /// # Safety
+    /// `self` must not move while the connection exists, and the handlers must
+    /// treat `data` accordingly.
+    pub unsafe fn connect(
+        &mut self,
+        data: *mut c_void,
+        read: ngx_event_handler_pt,
+        write: ngx_event_handler_pt,
+    ) -> State {
+        self.name = ngx_str_t {
+            len: self.name_text.len(),
+            data: self.name_text.as_mut_ptr(),
+        };
+        self.pc.sockaddr = self.sockaddr.as_mut_ptr().cast::<sockaddr>();
+        self.pc.socklen = self.sockaddr.len() as _;
+        self.pc.name = &mut self.name;
+        self.pc.get = Some(ngx_event_get_peer);
+        self.pc.log = &mut self.log;
+        self.pc
+            .set_log_error(ngx::ffi::ngx_connection_log_error_e_NGX_ERROR_ERR);
+        self.pc.tries = 1;
+
+        // SAFETY: pc is fully initialised and points into self, which the
+        // caller keeps in place.
+        let rc = unsafe { ngx_event_connect_peer(&mut self.pc) };
+        if rc != NGX_OK as isize && rc != NGX_AGAIN as isize {
+            self.pc.connection = ptr::null_mut();
+            self.state = State::Down;
+            return self.state;
+        }
+        let c = self.pc.connection;
+        // SAFETY: on NGX_OK and NGX_AGAIN nginx hands us a live connection.
+        unsafe {
+            (*c).data = data;
+            (*(*c).read).handler = read;
+            (*(*c).write).handler = write;
+        }
+        self.state = if rc == NGX_OK as isize {
+            State::Up
+        } else {
+            State::Connecting
+        };
+        self.state
+    }
+
+    /// Appends whatever the socket has to `inbuf`, up to `limit` bytes held.
+    pub fn read(&mut self, limit: usize) -> ReadOutcome {
+        let Some(c) = self.connection() else {
+            return ReadOutcome::Closed;
+        };
+        loop {
+            if self.inbuf.len() >= limit {
+                return ReadOutcome::Data;
+            }
+            let start = self.inbuf.len();
+            self.inbuf.resize(start + READ_CHUNK, 0);
+            // SAFETY: c is live; the buffer has READ_CHUNK writable bytes.
+            let n = unsafe {
+                let recv = (*c).recv.expect("connections always have recv");
+                recv(c, self.inbuf.as_mut_ptr().add(start), READ_CHUNK)
+            };
+            self.inbuf.truncate(start + n.max(0) as usize);
+            if n == NGX_AGAIN as isize {
+                // SAFETY: c is live; re-arms the read event where needed.
+                if unsafe { ngx_handle_read_event((*c).read, 0) } != NGX_OK as isize {
+                    return ReadOutcome::Closed;
+                }
+                return ReadOutcome::Data;
+            }
+            if n <= 0 || n == NGX_ERROR as isize {
+                return ReadOutcome::Closed;
+            }
+        }
+    }
+
+    /// Sends queued bytes; arms the write event if the socket is full.
+    pub fn flush(&mut self) -> Result<Flushed, SendFailed> {
+        let Some(c) = self.connection() else {
+            return Ok(Flushed::Partly);
+        };
+        if self.state != State::Up {
+            return Ok(Flushed::Partly);
+        }
+        // SAFETY: c is a live connection owned by this PeerConn.
+        let flushed = unsafe { self.queue.flush(c) }?;
+        // SAFETY: as above.
+        if unsafe { ngx_handle_write_event((*c).write, 0) } != NGX_OK as isize {
+            return Err(SendFailed);
+        }
+        Ok(flushed)
+    }
+
+    /// Whether a connect that was in progress has failed (checked when the
+    /// write event first fires).
+    pub fn connect_error(&self) -> Option<io::Error> {
+        let c = self.connection()?;
+        let mut err: c_int = 0;
+        let mut len = mem::size_of::<c_int>() as ngx::ffi::socklen_t;
+        // SAFETY: c->fd is an open socket; err/len are valid out-parameters.
+        let rc = unsafe {
+            ngx::ffi::getsockopt(
+                (*c).fd,
+                ngx::ffi::SOL_SOCKET as _,
+                ngx::ffi::SO_ERROR as _,
+                (&mut err as *mut c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc == -1 {
+            return Some(io::Error::last_os_error());
+        }
+        (err != 0).then(|| io::Error::from_raw_os_error(err))
+    }
+
+    /// Closes the socket (if any) and forgets unsent bytes that belonged to it.
+    pub fn close(&mut self) {
+        if let Some(c) = self.connection() {
+            // SAFETY: c is live and owned by us; nginx removes its events and
+            // timers from every queue.
+            unsafe { ngx_close_connection(c) };
+            self.pc.connection = ptr::null_mut();
+        }
+        self.state = State::Down;
+        self.inbuf.clear();
+    }
+
+    /// Posts the connection's write event so queued bytes leave at the end
+    /// of this event-loop turn, batched with whatever else is queued by then.
+    pub fn schedule_flush(&mut self) {
+        if let Some(c) = self.connection() {
+            if self.state == State::Up {
+                // SAFETY: c is live; ngx_posted_events is the worker's queue.
+                unsafe {
+                    ngx::ffi::ngx_post_event(
+                        (*c).write,
+                        ptr::addr_of_mut!(ngx::ffi::ngx_posted_events),
+                    )
+                };
+            }
+        }
+    }
+
+    /// Arms the reconnect timer.
+    pub fn arm_retry(&mut self, data: *mut c_void, handler: ngx_event_handler_pt, delay_ms: u64) {
+        self.retry.data = data;
+        self.retry.handler = handler;
+        self.retry.log = &mut self.log;
+        self.retry.set_cancelable(1);
+        // SAFETY: the event lives in self, which stays in place while armed;
+        // it is removed in Drop.
+        unsafe { ngx::ffi::ngx_add_timer(&mut self.retry, delay_ms as _) };
+    }
+}
+
+impl Drop for PeerConn {
+    fn drop(&mut self) {
+        if self.retry.timer_set() != 0 {
+            // SAFETY: the timer was armed by arm_retry on this very event.
+            unsafe { ngx::ffi::ngx_del_timer(&mut self.retry) };
+        }
+        self.close();
+    }
+}

@@ -1,0 +1,481 @@
+//! One upgraded client connection: frames in (through tungstenite), events
+//! out (through the send queue), membership in one room, and the close
+//! handshake. Driven by the connection's own nginx read/write events.
+
+use core::ffi::c_void;
+use core::ptr::{self, NonNull};
+use std::rc::Rc;
+
+use ngx::ffi::{
+    ngx_connection_t, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event,
+    ngx_http_close_request, ngx_http_output_filter, ngx_http_request_t, ngx_pool_cleanup_add,
+    NGX_AGAIN, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
+};
+use ngx::ngx_log_error;
+use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Message, WebSocket};
+
+use crate::client_io::{self, ClientIo};
+use crate::redis_link::Link;
+use crate::send_queue::Flushed;
+use crate::{envelope, module, time, worker};
+
+/// Largest chat message accepted from a client.
+const MAX_MESSAGE: usize = 64 * 1024;
+/// Bytes that may wait for one client before it counts as a slow consumer.
+const SEND_LIMIT: usize = 256 * 1024;
+/// tungstenite's read buffer is allocated eagerly per client: keep it small
+/// so that many idle clients stay cheap.
+const READ_BUFFER: usize = 4 * 1024;
+/// Messages a client may send before its room's subscription is live.
+const EARLY_LIMIT: usize = 32;
+/// How long a closing connection may take to drain its last frames.
+const LINGER_MS: usize = 5_000;
+
+pub mod close {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const INVALID_DATA: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+pub struct Session {
+    r: *mut ngx_http_request_t,
+    c: *mut ngx_connection_t,
+    ws: WebSocket<ClientIo>,
+    link: NonNull<Link>,
+    room: Box<str>,
+    user: Box<str>,
+    /// `None` until the room's subscription is live; then everything the
+    /// room publishes reaches this client.
+    early: Option<Vec<String>>,
+    closing: bool,
+    /// A close decided while fanning out, carried out on the next write event.
+    pending_close: Option<(u16, &'static str)>,
+}
+
+/// What the read handler should do after looking at the socket.
+enum After {
+    Flush,
+    Close(u16, &'static str),
+    Finish,
+}
+
+impl Session {
+    /// Takes over an upgraded request: `preread` holds bytes the client sent
+    /// right behind the handshake, already in nginx's header buffer.
+    ///
+    /// # Safety
+    /// `r` must be a main request whose 101 header has been sent, with its
+    /// reference count raised for this session.
+    pub unsafe fn start(
+        r: *mut ngx_http_request_t,
+        link: NonNull<Link>,
+        room: String,
+        user: String,
+        preread: Vec<u8>,
+    ) -> Result<(), ()> {
+        // SAFETY: r is live (caller).
+        let (c, pool) = unsafe { ((*r).connection, (*r).pool) };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(MAX_MESSAGE))
+            .max_frame_size(Some(MAX_MESSAGE));
+        let ws = WebSocket::from_partially_read(
+            ClientIo::new(c, SEND_LIMIT),
+            preread,
+            Role::Server,
+            Some(config),
+        );
+        let session = Box::into_raw(Box::new(Session {
+            r,
+            c,
+            ws,
+            link,
+            room: room.into(),
+            user: user.into(),
+            early: Some(Vec::new()),
+            closing: false,
+            pending_close: None,
+        }));
+
+        // SAFETY: the request pool outlives every use of the session; the
+        // cleanup frees it when nginx frees the request, whatever the path.
+        unsafe {
+            let cln = ngx_pool_cleanup_add(pool, 0);
+            if cln.is_null() {
+                drop(Box::from_raw(session));
+                return Err(());
+            }
+            (*cln).handler = Some(free_session);
+            (*cln).data = session.cast();
+            *(*r).ctx.add(module().ctx_index) = session.cast();
+
+            (*(*c).read).handler = Some(on_read);
+            (*(*c).write).handler = Some(on_write);
+            // nginx's graceful shutdown visits idle connections with c->close
+            // set: that is the hook for the 1001 close.
+            (*c).set_idle(1);
+        }
+
+        // SAFETY: just allocated; the registry keeps the pointer until Drop.
+        let s = unsafe { &mut *session };
+        // SAFETY: links live as long as the worker.
+        unsafe { (*link.as_ptr()).join(NonNull::from(&mut *s), &s.room) };
+        // SAFETY: the session is fully set up; bytes may already be waiting.
+        unsafe { handle_read(session) };
+        Ok(())
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Marks the session as live in its room and sends it `welcome`. Returns
+    /// what it typed meanwhile (for the link to publish), or `None` if it was
+    /// welcomed already.
+    pub fn welcome(&mut self) -> Option<Vec<String>> {
+        let early = self.early.take()?;
+        let event = envelope::welcome(&self.room, &self.user, time::now_ms());
+        self.send(client_io::text_frame(event.as_bytes()));
+        Some(early)
+    }
+
+    /// Queues a frame shared with the rest of the room.
+    pub fn deliver(&mut self, frame: &Rc<[u8]>) {
+        self.send(frame.clone());
+    }
+
+    pub fn notify_backlog_full(&mut self) {
+        self.notify_error(
+            "backlog_full",
+            "message not sent: the server's queue to Redis is full",
+        );
+    }
+
+    fn notify_error(&mut self, code: &str, message: &str) {
+        let event = envelope::error(&self.room, code, message, time::now_ms());
+        self.send(client_io::text_frame(event.as_bytes()));
+    }
+
+    /// Queues a frame and schedules one write for everything queued in this
+    /// event-loop turn.
+    fn send(&mut self, frame: Rc<[u8]>) {
+        if self.closing {
+            return;
+        }
+        if self.ws.get_mut().queue.push(frame).is_err() {
+            self.pending_close = Some((close::POLICY, "slow consumer"));
+        }
+        // SAFETY: c is live while the session is; the posted event runs
+        // after the current handler returns.
+        unsafe {
+            ngx::ffi::ngx_post_event(
+                (*self.c).write,
+                ptr::addr_of_mut!(ngx::ffi::ngx_posted_events),
+            )
+        };
+    }
+
+    fn on_text(&mut self, text: &str) {
+        let id = worker::next_id();
+        let event = envelope::message(&self.room, &self.user, text, time::now_ms(), &id);
+        if let Some(early) = &mut self.early {
+            if early.len() < EARLY_LIMIT {
+                early.push(event);
+            } else {
+                self.notify_error("not_joined", "message not sent: still joining the room");
+            }
+            return;
+        }
+        // SAFETY: links live as long as the worker.
+        let link = unsafe { &mut *self.link.as_ptr() };
+        if link.publish(&self.room, &event).is_err() {
+            self.notify_backlog_full();
+        }
+    }
+
+    /// Reads and handles every complete frame the socket has.
+    fn read_frames(&mut self) -> After {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => self.on_text(text.as_str()),
+                Ok(Message::Binary(_)) => {
+                    return After::Close(close::UNSUPPORTED, "binary messages are not supported")
+                }
+                Ok(Message::Close(_)) => {
+                    // tungstenite has queued the echo of the client's close.
+                    let _ = self.ws.flush();
+                    self.closing = true;
+                    return After::Flush;
+                }
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+                Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Pongs owed to the client go out with the next flush.
+                    let _ = self.ws.flush();
+                    return After::Flush;
+                }
+                Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
+                    return After::Close(close::TOO_BIG, "message too big")
+                }
+                Err(WsError::Utf8(_)) => return After::Close(close::INVALID_DATA, "invalid UTF-8"),
+                // The peer went away without a close handshake.
+                Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                    return After::Finish
+                }
+                Err(WsError::Protocol(_)) => {
+                    return After::Close(close::PROTOCOL, "protocol error")
+                }
+                Err(WsError::Io(e))
+                    if e.get_ref()
+                        .is_some_and(|e| e.is::<client_io::SlowConsumer>()) =>
+                {
+                    return After::Close(close::POLICY, "slow consumer")
+                }
+                Err(_) => return After::Finish,
+            }
+        }
+    }
+
+    /// Starts the closing handshake from our side: the close frame goes out
+    /// after anything already part-way out, and then the connection ends.
+    fn begin_close(&mut self, code: u16, reason: &str) {
+        let log = self.log();
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            log,
+            "websocket_chat: closing session of \"{}\" in \"{}\": {} {}",
+            self.user,
+            self.room,
+            code,
+            reason
+        );
+        let queue = &mut self.ws.get_mut().queue;
+        if code == close::POLICY {
+            queue.truncate_to_partial();
+        }
+        queue.push_unbounded(client_io::close_frame(code, reason));
+        self.closing = true;
+    }
+
+    fn log(&self) -> *mut ngx::ffi::ngx_log_t {
+        // SAFETY: c is live while the session is.
+        unsafe { (*self.c).log }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // SAFETY: links live as long as the worker.
+        let link = unsafe { &mut *self.link.as_ptr() };
+        link.leave(NonNull::from(&mut *self), &self.room);
+        if self.early.is_none() {
+            let id = worker::next_id();
+            let event = envelope::presence(
+                envelope::Presence::Leave,
+                &self.room,
+                &self.user,
+                time::now_ms(),
+                &id,
+            );
+            // Nobody is left to tell if this fails; the link has logged why.
+            let _ = link.publish(&self.room, &event);
+        }
+    }
+}
+
+unsafe extern "C" fn free_session(data: *mut c_void) {
+    // SAFETY: `data` is the Box leaked in `start`, freed exactly once here.
+    drop(unsafe { Box::from_raw(data.cast::<Session>()) });
+}
+
+/// The session behind one of its connection's events.
+///
+/// # Safety
+/// `ev` must be a read or write event of a connection taken over by `start`.
+unsafe fn session_of(ev: *mut ngx_event_t) -> *mut Session {
+    // SAFETY: c->data is the request; its ctx slot holds the session.
+    unsafe {
+        let c = (*ev).data.cast::<ngx_connection_t>();
+        let r = (*c).data.cast::<ngx_http_request_t>();
+        (*(*r).ctx.add(module().ctx_index)).cast::<Session>()
+    }
+}
+
+unsafe extern "C" fn on_read(ev: *mut ngx_event_t) {
+    // SAFETY: nginx calls this for the connection `start` took over.
+    let s = unsafe { session_of(ev) };
+    // SAFETY: the session is live until `finish`.
+    unsafe {
+        if (*(*s).c).close() != 0 {
+            (*s).begin_close(close::GOING_AWAY, "server shutting down");
+            flush(s);
+            return;
+        }
+        if (*ev).timedout() != 0 {
+            finish(s);
+            return;
+        }
+        handle_read(s);
+    }
+}
+
+unsafe extern "C" fn on_write(ev: *mut ngx_event_t) {
+    // SAFETY: as in on_read.
+    let s = unsafe { session_of(ev) };
+    // SAFETY: the session is live until `finish`.
+    unsafe {
+        if (*ev).timedout() != 0 {
+            finish(s);
+            return;
+        }
+        if let Some((code, reason)) = (*s).pending_close.take() {
+            (*s).begin_close(code, reason);
+        }
+        flush(s);
+    }
+}
+
+/// # Safety
+/// `s` must be a live session.
+unsafe fn handle_read(s: *mut Session) {
+    // SAFETY: live session (caller).
+    let session = unsafe { &mut *s };
+    if session.closing {
+        // Nothing more is read once the close frame is queued; the client's
+        // own close or EOF just ends the connection sooner.
+        // SAFETY: c is live.
+        unsafe { drain_input(s) };
+        return;
+    }
+    match session.read_frames() {
+        After::Flush => {}
+        After::Close(code, reason) => session.begin_close(code, reason),
+        After::Finish => {
+            // SAFETY: live session.
+            unsafe { finish(s) };
+            return;
+        }
+    }
+    // SAFETY: c is live.
+    if unsafe { ngx_handle_read_event((*session.c).read, 0) } != NGX_OK as isize {
+        // SAFETY: live session.
+        unsafe { finish(s) };
+        return;
+    }
+    // SAFETY: live session.
+    unsafe { flush(s) };
+}
+
+/// Reads and discards until EOF after our close frame; EOF ends the session.
+///
+/// # Safety
+/// `s` must be a live session.
+unsafe fn drain_input(s: *mut Session) {
+    let mut scratch = [0u8; 1024];
+    // SAFETY: c is live while the session is.
+    let c = unsafe { (*s).c };
+    loop {
+        // SAFETY: scratch is writable for its length.
+        let n = unsafe {
+            ((*c).recv.expect("connections always have recv"))(
+                c,
+                scratch.as_mut_ptr(),
+                scratch.len(),
+            )
+        };
+        if n == NGX_AGAIN as isize {
+            // SAFETY: c is live.
+            if unsafe { ngx_handle_read_event((*c).read, 0) } != NGX_OK as isize {
+                // SAFETY: live session.
+                unsafe { finish(s) };
+            }
+            return;
+        }
+        if n <= 0 || n == NGX_ERROR as isize {
+            // SAFETY: live session.
+            unsafe { finish(s) };
+            return;
+        }
+    }
+}
+
+/// Sends what is queued; ends the session once a close has drained.
+///
+/// # Safety
+/// `s` must be a live session.
+unsafe fn flush(s: *mut Session) {
+    // SAFETY: live session (caller).
+    let session = unsafe { &mut *s };
+    let (r, c) = (session.r, session.c);
+    // SAFETY: r is live; the 101 header may still sit in nginx's output
+    // chain if the socket was full when it was sent, and must go first.
+    unsafe {
+        if !(*r).out.is_null() && ngx_http_output_filter(r, ptr::null_mut()) == NGX_ERROR as isize {
+            finish(s);
+            return;
+        }
+        if !(*r).out.is_null() {
+            arm_write(s);
+            return;
+        }
+    }
+    // SAFETY: c is live.
+    match unsafe { session.ws.get_mut().queue.flush(c) } {
+        Err(_) => {
+            // SAFETY: live session.
+            unsafe { finish(s) };
+        }
+        Ok(Flushed::All) if session.closing => {
+            // SAFETY: live session.
+            unsafe { finish(s) };
+        }
+        Ok(Flushed::All) => {
+            // SAFETY: c is live.
+            unsafe {
+                if (*(*c).write).timer_set() != 0 {
+                    ngx::ffi::ngx_del_timer((*c).write);
+                }
+            }
+        }
+        Ok(Flushed::Partly) => {
+            // SAFETY: live session.
+            unsafe { arm_write(s) };
+        }
+    }
+}
+
+/// Waits for the socket to take more; a closing session waits only so long.
+///
+/// # Safety
+/// `s` must be a live session.
+unsafe fn arm_write(s: *mut Session) {
+    // SAFETY: live session (caller).
+    unsafe {
+        let c = (*s).c;
+        if ngx_handle_write_event((*c).write, 0) != NGX_OK as isize {
+            finish(s);
+            return;
+        }
+        if (*s).closing {
+            ngx::ffi::ngx_add_timer((*c).write, LINGER_MS as _);
+        }
+    }
+}
+
+/// Ends the session: nginx writes the access-log line, frees the request
+/// (and with its pool the session) and closes the connection.
+///
+/// # Safety
+/// `s` must be a live session; it is freed on return.
+unsafe fn finish(s: *mut Session) {
+    // SAFETY: live until ngx_http_close_request, which is the last use.
+    unsafe {
+        let r = (*s).r;
+        ngx_http_close_request(r, 0);
+    }
+}
