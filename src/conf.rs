@@ -13,8 +13,8 @@ use ngx::ffi::{
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::ngx_conf_log_error;
 
-use crate::redis_addr::{self, RedisAddr};
 use crate::{conf_error, handler, module};
+use wschat_core::redis_addr::{self, RedisAddr};
 
 /// Used when a chat location names no Redis: where redis-server listens by default.
 const DEFAULT_REDIS: &str = "127.0.0.1:6379";

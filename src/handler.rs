@@ -13,9 +13,10 @@ use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule, Request};
 use ngx::ngx_log_error;
 
 use crate::conf;
-use crate::handshake::{self, Rejection};
 use crate::session::Session;
-use crate::{names, worker};
+use crate::worker;
+use wschat_core::handshake::{self, Rejection};
+use wschat_core::names;
 
 pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls content handlers with a live request.

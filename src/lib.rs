@@ -16,18 +16,11 @@ use ngx::ffi::{
 };
 use ngx::ngx_string;
 
-mod backoff;
 mod client_io;
 mod conf;
-pub mod envelope;
 mod handler;
-pub mod handshake;
-pub mod names;
 mod peer;
-pub mod redis_addr;
 mod redis_link;
-pub mod resp;
-pub mod room;
 mod send_queue;
 mod session;
 mod time;

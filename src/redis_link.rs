@@ -12,14 +12,15 @@ use ngx::ffi::{ngx_connection_t, ngx_event_t, ngx_log_t, NGX_LOG_ERR, NGX_LOG_IN
 use ngx::ngx_log_error;
 use redis::Value;
 
-use crate::backoff::Backoff;
-use crate::client_io;
 use crate::conf::Endpoint;
 use crate::peer::{PeerConn, ReadOutcome, State};
-use crate::resp::{self, Limits};
-use crate::room::Registry;
 use crate::session::Session;
-use crate::{envelope, time, worker};
+use crate::{time, worker};
+use wschat_core::backoff::Backoff;
+use wschat_core::envelope;
+use wschat_core::frame;
+use wschat_core::resp::{self, Limits};
+use wschat_core::room::Registry;
 
 /// Room `r` travels on channel `wschat:r`.
 const CHANNEL_PREFIX: &str = "wschat:";
@@ -437,7 +438,7 @@ impl Link {
             );
             return;
         }
-        let frame = client_io::text_frame(payload);
+        let frame = frame::text_frame(payload);
         for &m in self.rooms.members(room) {
             // SAFETY: as in `welcome`.
             unsafe { (*m.as_ptr()).deliver(&frame) };

@@ -19,7 +19,8 @@ use tungstenite::{Message, WebSocket};
 use crate::client_io::{self, ClientIo};
 use crate::redis_link::Link;
 use crate::send_queue::Flushed;
-use crate::{envelope, module, time, worker};
+use crate::{module, time, worker};
+use wschat_core::{envelope, frame};
 
 /// Largest chat message accepted from a client.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -141,7 +142,7 @@ impl Session {
     pub fn welcome(&mut self) -> Option<Vec<String>> {
         let early = self.early.take()?;
         let event = envelope::welcome(&self.room, &self.user, time::now_ms());
-        self.send(client_io::text_frame(event.as_bytes()));
+        self.send(frame::text_frame(event.as_bytes()));
         Some(early)
     }
 
@@ -159,7 +160,7 @@ impl Session {
 
     fn notify_error(&mut self, code: &str, message: &str) {
         let event = envelope::error(&self.room, code, message, time::now_ms());
-        self.send(client_io::text_frame(event.as_bytes()));
+        self.send(frame::text_frame(event.as_bytes()));
     }
 
     /// Queues a frame and schedules one write for everything queued in this
@@ -258,7 +259,7 @@ impl Session {
         if code == close::POLICY {
             queue.truncate_to_partial();
         }
-        queue.push_unbounded(client_io::close_frame(code, reason));
+        queue.push_unbounded(frame::close_frame(code, reason));
         self.closing = true;
     }
 

@@ -5,8 +5,8 @@
 use core::ptr::{self, NonNull};
 
 use crate::conf::MainConf;
-use crate::envelope::IdGen;
 use crate::redis_link::Link;
+use wschat_core::envelope::IdGen;
 
 struct Worker {
     links: Vec<Option<Box<Link>>>,

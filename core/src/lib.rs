@@ -1,0 +1,11 @@
+//! Everything the `websocket_chat` nginx module decides without touching
+//! nginx: plain Rust, unit-tested with `cargo test`.
+
+pub mod backoff;
+pub mod envelope;
+pub mod frame;
+pub mod handshake;
+pub mod names;
+pub mod redis_addr;
+pub mod resp;
+pub mod room;
