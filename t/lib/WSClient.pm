@@ -1,0 +1,446 @@
+package WSClient;
+
+# A small raw WebSocket (RFC 6455) client for tests, over IO::Socket::INET.
+#
+#   my $c = WSClient->connect(port => $p, path => '/ws?room=a&nick=bob',
+#                             welcome => 1);   # also wait for the welcome event
+#   $c->send_text("héllo");                    # Perl character string
+#   my $ev = $c->wait_for(sub { $_[0]{type} eq 'message' }, 5);
+#
+# Everything read goes through one buffer, so frames split over several TCP
+# reads and several frames in one read are both handled. Every read is bounded
+# by a timeout.
+
+use strict;
+use warnings;
+
+use IO::Socket::INET ();
+use IO::Select ();
+use Socket qw(SOL_SOCKET SO_LINGER);
+use Digest::SHA qw(sha1);
+use MIME::Base64 qw(encode_base64 decode_base64);
+use JSON::PP ();
+use Time::HiRes qw(time);
+use Carp qw(croak);
+
+$SIG{PIPE} = 'IGNORE';
+
+our $GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
+my $JSON = JSON::PP->new->utf8;
+
+sub accept_for {
+    my $key = shift;
+    return encode_base64(sha1($key . $GUID), '');
+}
+
+sub _random_bytes {
+    my $n = shift;
+    my $b = '';
+    if (open my $fh, '<:raw', '/dev/urandom') {
+        read $fh, $b, $n;
+        close $fh;
+    }
+    $b .= chr(int rand 256) while length $b < $n;
+    return $b;
+}
+
+sub _socket {
+    my ($port, $timeout, $host) = @_;
+    my $s = IO::Socket::INET->new(PeerAddr => $host // '127.0.0.1', PeerPort => $port,
+                                  Proto => 'tcp', Timeout => $timeout // 5)
+        or croak "WSClient: cannot connect to 127.0.0.1:$port: $!";
+    binmode $s;
+    $s->autoflush(1);
+    return $s;
+}
+
+sub _write_all {
+    my ($sock, $data, $timeout) = @_;
+    my $deadline = time + ($timeout // 5);
+    my $off = 0;
+    my $sel = IO::Select->new($sock);
+    while ($off < length $data) {
+        my $left = $deadline - time;
+        return 0 if $left <= 0 || !$sel->can_write($left);
+        my $n = syswrite($sock, $data, length($data) - $off, $off);
+        return 0 unless defined $n;    # EPIPE, ECONNRESET...
+        $off += $n;
+    }
+    return 1;
+}
+
+# Read until the end of the HTTP response head (or EOF / timeout).
+# Returns ($head, $rest) where $head is undef if no complete head arrived.
+sub _read_head {
+    my ($sock, $timeout) = @_;
+    my $deadline = time + $timeout;
+    my $sel = IO::Select->new($sock);
+    my $buf = '';
+    while (1) {
+        my $i = index($buf, "\r\n\r\n");
+        return (substr($buf, 0, $i + 4), substr($buf, $i + 4)) if $i >= 0;
+        my $left = $deadline - time;
+        return (undef, $buf) if $left <= 0 || !$sel->can_read($left);
+        my $n = sysread($sock, $buf, 65536, length $buf);
+        return (undef, $buf) unless $n;
+    }
+}
+
+# Parse a response head: (status, {lower-case name => value}). Repeated
+# headers are joined with ", ".
+sub _parse_head {
+    my $head = shift;
+    my @lines = split /\r\n/, $head;
+    my $status_line = shift @lines // '';
+    my ($status) = $status_line =~ m{^HTTP/\d\.\d\s+(\d{3})};
+    my %h;
+    for my $l (@lines) {
+        next unless $l =~ /^([^:\s]+)\s*:\s*(.*?)\s*$/;
+        my $k = lc $1;
+        $h{$k} = exists $h{$k} ? "$h{$k}, $2" : $2;
+    }
+    return ($status, \%h);
+}
+
+# Send a raw request; returns (status, headers hashref, raw response, socket).
+# The raw response holds the head plus whatever body arrived (the body is
+# read up to Content-Length when present). status is undef without response.
+sub raw_handshake {
+    my ($port, $request, $timeout) = @_;
+    $timeout //= 5;
+    my $sock = _socket($port, $timeout);
+    _write_all($sock, $request, $timeout);
+    my ($head, $rest) = _read_head($sock, $timeout);
+    return (undef, {}, $rest, $sock) unless defined $head;
+    my ($status, $h) = _parse_head($head);
+    if (defined $h->{'content-length'} && $h->{'content-length'} =~ /^\d+$/) {
+        my $want = $h->{'content-length'};
+        my $deadline = time + $timeout;
+        my $sel = IO::Select->new($sock);
+        while (length $rest < $want) {
+            my $left = $deadline - time;
+            last if $left <= 0 || !$sel->can_read($left);
+            my $n = sysread($sock, $rest, 65536, length $rest);
+            last unless $n;
+        }
+    }
+    return ($status, $h, $head . $rest, $sock);
+}
+
+sub connect {
+    my ($class, %o) = @_;
+    my $port    = $o{port} or croak 'WSClient->connect: port required';
+    my $path    = $o{path} // '/ws';
+    my $timeout = $o{timeout} // 5;
+    my $key = encode_base64(_random_bytes(16), '');
+
+    my @hdr = (
+        [Host                    => "127.0.0.1:$port"],
+        [Upgrade                 => 'websocket'],
+        [Connection              => 'Upgrade'],
+        ['Sec-WebSocket-Key'     => $key],
+        ['Sec-WebSocket-Version' => '13'],
+    );
+    for my $name (sort keys %{ $o{headers} // {} }) {
+        my $v = $o{headers}{$name};
+        @hdr = grep { lc $_->[0] ne lc $name } @hdr;
+        push @hdr, [$name => $v] if defined $v;
+    }
+    my $req = "GET $path HTTP/1.1\r\n"
+            . join('', map { "$_->[0]: $_->[1]\r\n" } @hdr) . "\r\n";
+
+    my $sock = _socket($port, $timeout);
+    _write_all($sock, $req, $timeout) or croak "WSClient: cannot send handshake: $!";
+    my ($head, $rest) = _read_head($sock, $timeout);
+    croak "WSClient: no handshake response within ${timeout}s (got: '$rest')"
+        unless defined $head;
+    my ($status, $h) = _parse_head($head);
+    croak "WSClient: handshake to $path failed: $head" unless ($status // 0) == 101;
+    my $want = accept_for($key);
+    croak "WSClient: bad Sec-WebSocket-Accept (want $want): $head"
+        unless ($h->{'sec-websocket-accept'} // '') eq $want;
+
+    my $self = bless {
+        sock => $sock, buf => $rest, port => $port, path => $path,
+        timeout => $timeout, headers => $h, events => [], skipped => [],
+        auto_pong => $o{auto_pong} // 1, frag => undef,
+    }, $class;
+
+    if ($o{welcome}) {
+        my $w = $self->wait_for(sub { $_[0]{type} eq 'welcome' }, $timeout);
+        croak "WSClient: no welcome event within ${timeout}s on $path" unless $w;
+        $self->{welcome} = $w;
+    }
+    return $self;
+}
+
+# Join a chat room: connect to /ws?room=R&nick=N (each URL-encoded, omitted
+# when undef) and wait for the welcome event.
+sub join {
+    my ($class, %o) = @_;
+    my @q;
+    push @q, 'room=' . uri_escape($o{room}) if defined $o{room};
+    push @q, 'nick=' . uri_escape($o{nick}) if defined $o{nick};
+    my $path = ($o{location} // '/ws') . (@q ? '?' . join('&', @q) : '');
+    return $class->connect(%o, path => $path, welcome => 1);
+}
+
+# Percent-encode a Perl character string as UTF-8.
+sub uri_escape {
+    my $s = shift;
+    utf8::encode($s);
+    $s =~ s/([^A-Za-z0-9\-._~])/sprintf('%%%02X', ord $1)/ge;
+    return $s;
+}
+
+sub welcome          { $_[0]{welcome} }
+sub response_headers { $_[0]{headers} }
+sub socket           { $_[0]{sock} }
+sub close_code       { $_[0]{close_code} }
+sub close_reason     { $_[0]{close_reason} }
+sub got_close        { $_[0]{got_close} }
+sub eof              { $_[0]{eof} }
+sub events           { @{ $_[0]{events} } }     # every JSON event received so far
+sub skipped          { @{ $_[0]{skipped} } }    # events passed over by wait_for
+
+# ---------------------------------------------------------------- sending
+
+sub send_frame {
+    my ($self, %o) = @_;
+    my $opcode  = $o{opcode} // 1;
+    my $payload = $o{payload} // '';
+    my $fin     = $o{fin} // 1;
+    my $mask    = $o{mask} // 1;
+    my $rsv     = $o{rsv} // 0;
+    my $len     = $o{declared_len} // length $payload;
+
+    my $frame = chr((($fin ? 1 : 0) << 7) | (($rsv & 7) << 4) | ($opcode & 0xf));
+    my $mbit = $mask ? 0x80 : 0;
+    if ($len < 126) {
+        $frame .= chr($mbit | $len);
+    } elsif ($len < 65536) {
+        $frame .= chr($mbit | 126) . pack('n', $len);
+    } else {
+        $frame .= chr($mbit | 127) . pack('NN', int($len / 4294967296), $len % 4294967296);
+    }
+    if ($mask) {
+        my $key = $o{mask_key} // _random_bytes(4);
+        $frame .= $key;
+        my $k = substr($key x (int(length($payload) / 4) + 1), 0, length $payload);
+        $payload = $payload ^ $k;
+    }
+    return _write_all($self->{sock}, $frame . $payload, $self->{timeout});
+}
+
+# Send raw bytes on the connection (e.g. a frame split in pieces).
+sub send_raw { _write_all($_[0]{sock}, $_[1], $_[0]{timeout}) }
+
+# $text is a Perl character string; it is sent UTF-8 encoded.
+sub send_text {
+    my ($self, $text) = @_;
+    my $b = $text;
+    utf8::encode($b);
+    return $self->send_frame(opcode => 1, payload => $b);
+}
+
+sub send_binary { $_[0]->send_frame(opcode => 2, payload => $_[1]) }
+sub send_ping   { $_[0]->send_frame(opcode => 9, payload => $_[1] // '') }
+sub send_pong   { $_[0]->send_frame(opcode => 10, payload => $_[1] // '') }
+
+sub send_close {
+    my ($self, $code, $reason) = @_;
+    my $p = '';
+    if (defined $code) {
+        $p = pack('n', $code);
+        if (defined $reason) { my $r = $reason; utf8::encode($r); $p .= $r }
+    }
+    $self->{sent_close} = 1;
+    return $self->send_frame(opcode => 8, payload => $p);
+}
+
+# Close the TCP connection without a close frame. With rst => 1 the kernel
+# sends a RST instead of a FIN.
+sub disconnect {
+    my ($self, %o) = @_;
+    return unless $self->{sock};
+    setsockopt($self->{sock}, SOL_SOCKET, SO_LINGER, pack('ii', 1, 0)) if $o{rst};
+    close $self->{sock};
+    delete $self->{sock};
+}
+
+# ---------------------------------------------------------------- receiving
+
+# Read more bytes into the buffer. Returns 1 on data, 0 on timeout, and
+# undef on EOF or error (sets {eof}).
+sub _fill {
+    my ($self, $deadline) = @_;
+    return undef unless $self->{sock};
+    my $left = $deadline - time;
+    return 0 if $left <= 0;
+    my $sel = IO::Select->new($self->{sock});
+    return 0 unless $sel->can_read($left);
+    my $n = sysread($self->{sock}, $self->{buf}, 65536, length $self->{buf});
+    if (!$n) {
+        $self->{eof} = 1;
+        $self->{read_error} = $! unless defined $n;
+        return undef;
+    }
+    return 1;
+}
+
+# Take one complete frame off the buffer, or return undef.
+sub _parse_frame {
+    my $self = shift;
+    my $b = \$self->{buf};
+    return undef if length $$b < 2;
+    my ($b0, $b1) = unpack 'CC', $$b;
+    my $len = $b1 & 0x7f;
+    my $off = 2;
+    if ($len == 126) {
+        return undef if length $$b < 4;
+        $len = unpack 'n', substr($$b, 2, 2);
+        $off = 4;
+    } elsif ($len == 127) {
+        return undef if length $$b < 10;
+        my ($hi, $lo) = unpack 'NN', substr($$b, 2, 8);
+        $len = $hi * 4294967296 + $lo;
+        $off = 10;
+    }
+    my $masked = $b1 & 0x80;
+    my $key;
+    if ($masked) {
+        return undef if length $$b < $off + 4;
+        $key = substr($$b, $off, 4);
+        $off += 4;
+    }
+    return undef if length $$b < $off + $len;
+    my $payload = substr($$b, $off, $len);
+    substr($$b, 0, $off + $len, '');
+    if ($masked) {
+        $payload ^= substr($key x (int($len / 4) + 1), 0, $len);
+    }
+    my $f = { fin => ($b0 >> 7) & 1, rsv => ($b0 >> 4) & 7, opcode => $b0 & 0xf,
+              masked => $masked ? 1 : 0, payload => $payload };
+    if ($f->{opcode} == 8) {
+        $self->{got_close} = 1;
+        if (length $payload >= 2) {
+            $f->{close_code}   = unpack 'n', $payload;
+            $f->{close_reason} = substr($payload, 2);
+        }
+        $self->{close_code}   = $f->{close_code};
+        $self->{close_reason} = $f->{close_reason};
+    }
+    return $f;
+}
+
+# Next frame as {opcode, payload, fin, rsv, masked[, close_code, close_reason]},
+# or undef on timeout or EOF (check ->eof to tell them apart).
+sub recv_frame {
+    my ($self, $timeout) = @_;
+    my $deadline = time + ($timeout // $self->{timeout});
+    while (1) {
+        my $f = $self->_parse_frame;
+        return $f if $f;
+        my $r = $self->_fill($deadline);
+        return undef unless $r;
+    }
+}
+
+# Next complete data message (fragments joined), answering pings and skipping
+# pongs. Returns {opcode, payload} for text/binary, the close frame itself when
+# a close frame arrives, or undef on timeout/EOF.
+sub recv_message {
+    my ($self, $timeout) = @_;
+    my $deadline = time + ($timeout // $self->{timeout});
+    while (1) {
+        my $f = $self->recv_frame($deadline - time);
+        return undef unless $f;
+        my $op = $f->{opcode};
+        if ($op == 9) {
+            $self->send_pong($f->{payload}) if $self->{auto_pong};
+            next;
+        }
+        next if $op == 10;
+        return $f if $op == 8;
+        if ($op == 0) {
+            next unless $self->{frag};    # stray continuation: ignore
+            $self->{frag}{payload} .= $f->{payload};
+            next unless $f->{fin};
+            my $m = delete $self->{frag};
+            return $m;
+        }
+        if (!$f->{fin}) {
+            $self->{frag} = { opcode => $op, payload => $f->{payload}, fin => 1 };
+            next;
+        }
+        return $f;
+    }
+}
+
+# Decoded JSON of the next text message. Returns undef on timeout, EOF or a
+# close frame. A text message that is not JSON yields
+# {type => '_invalid_json', raw => ...}, a binary one {type => '_binary', ...},
+# so that assertions fail instead of the test dying.
+sub recv_json {
+    my ($self, $timeout) = @_;
+    my $m = $self->recv_message($timeout);
+    return undef unless $m;
+    return undef if $m->{opcode} == 8;
+    my $ev;
+    if ($m->{opcode} == 2) {
+        $ev = { type => '_binary', raw => $m->{payload} };
+    } else {
+        $ev = eval { $JSON->decode($m->{payload}) };
+        $ev = { type => '_invalid_json', raw => $m->{payload}, error => "$@" }
+            unless ref $ev eq 'HASH';
+        $ev->{_raw} = $m->{payload};    # exact bytes as received
+    }
+    push @{ $self->{events} }, $ev;
+    return $ev;
+}
+
+# First event for which $pred->($event) is true, within $timeout seconds;
+# events passed over are kept in ->skipped. undef on timeout/EOF/close.
+sub wait_for {
+    my ($self, $pred, $timeout) = @_;
+    my $deadline = time + ($timeout // $self->{timeout});
+    while (1) {
+        my $left = $deadline - time;
+        return undef if $left <= 0;
+        my $ev = $self->recv_json($left);
+        return undef unless $ev;
+        local $_ = $ev;
+        return $ev if $pred->($ev);
+        push @{ $self->{skipped} }, $ev;
+    }
+}
+
+# First event of the given type (optionally also matching $pred).
+sub wait_type {
+    my ($self, $type, $timeout, $pred) = @_;
+    return $self->wait_for(sub {
+        ($_[0]{type} // '') eq $type && (!$pred || $pred->($_[0]))
+    }, $timeout);
+}
+
+# Read (and discard, except close frames which set close_code) until the
+# server closes the TCP connection. True if it did within $timeout.
+sub is_closed_by_server {
+    my ($self, $timeout) = @_;
+    my $deadline = time + ($timeout // $self->{timeout});
+    return 1 if $self->{eof};
+    return 1 unless $self->{sock};
+    while (1) {
+        while ($self->_parse_frame) { }
+        my $r = $self->_fill($deadline);
+        return 1 if !defined $r;
+        return 0 if !$r;
+    }
+}
+
+sub DESTROY {
+    my $self = shift;
+    close $self->{sock} if $self->{sock};
+}
+
+1;
