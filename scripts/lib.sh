@@ -46,22 +46,12 @@ ensure_packages() {
 }
 
 # nginx_bin: print the path of the nginx binary that cargo built alongside the
-# module (newest target/release/build/nginx-sys-*/out/objs/nginx by mtime).
-# TEST_NGINX_BINARY overrides. Fails when there is none.
+# module: target/release/nginx, which build.rs links to it. TEST_NGINX_BINARY
+# overrides. Fails when there is none.
 nginx_bin() {
-    if [ -n "${TEST_NGINX_BINARY:-}" ]; then
-        [ -x "$TEST_NGINX_BINARY" ] || { log "TEST_NGINX_BINARY=$TEST_NGINX_BINARY is not executable"; return 1; }
-        printf '%s\n' "$TEST_NGINX_BINARY"
-        return 0
-    fi
-    local best="" best_t=0 f t
-    for f in "$(target_dir)"/release/build/nginx-sys-*/out/objs/nginx; do
-        [ -x "$f" ] || continue
-        t=$(stat -c %Y "$f")
-        if [ -z "$best" ] || [ "$t" -gt "$best_t" ]; then best=$f best_t=$t; fi
-    done
-    [ -n "$best" ] || { log "no nginx binary under $(target_dir)/release/build/nginx-sys-*/out/objs/ (run cargo build --release)"; return 1; }
-    printf '%s\n' "$best"
+    local bin="${TEST_NGINX_BINARY:-$(target_dir)/release/nginx}"
+    [ -x "$bin" ] || { log "no nginx binary at $bin (run cargo build --release; build.rs links it)"; return 1; }
+    printf '%s\n' "$bin"
 }
 
 # chat_module: print the path of the built module (.so). TEST_NGINX_MODULE overrides.

@@ -8,7 +8,7 @@ package ChatTest;
 #
 #   use FindBin; use lib "$FindBin::Bin/lib";
 #   use Test::More;
-#   use ChatTest;                 # skip_all unless nginx, module, redis-server exist
+#   use ChatTest;                 # bails out unless nginx, module, redis-server exist
 #   my $redis = start_redis();
 #   my $nginx = start_nginx($template, redis => $redis, ROOM => 'x');
 #   ...
@@ -91,12 +91,8 @@ $SIG{PIPE} = 'IGNORE';
 sub repo_root { $REPO }
 
 sub nginx_binary {
-    return $ENV{TEST_NGINX_BINARY} if $ENV{TEST_NGINX_BINARY};
-    my @c = grep { -f $_ && -x _ }
-        glob("$REPO/target/release/build/nginx-sys-*/out/objs/nginx");
-    return undef unless @c;
-    @c = sort { (stat $b)[9] <=> (stat $a)[9] } @c;
-    return $c[0];
+    # build.rs links target/release/nginx to the nginx built with the module.
+    return $ENV{TEST_NGINX_BINARY} || "$REPO/target/release/nginx";
 }
 
 sub module_path {
@@ -120,16 +116,15 @@ sub import {
 
     my $nginx = nginx_binary();
     if (!defined $nginx || !-x $nginx) {
-        Test::More::plan(skip_all => 'nginx binary not found: set TEST_NGINX_BINARY '
-            . "or build it (cargo build --release) so that $REPO/target/release/"
-            . 'build/nginx-sys-*/out/objs/nginx exists');
+        Test::More::BAIL_OUT('nginx binary not found: set TEST_NGINX_BINARY '
+            . "or run cargo build --release (it links $REPO/target/release/nginx)");
     }
     if (!$NO_MODULE && !-f module_path()) {
-        Test::More::plan(skip_all => 'module not found at ' . module_path()
+        Test::More::BAIL_OUT('module not found at ' . module_path()
             . ' (set TEST_NGINX_MODULE or run cargo build --release)');
     }
     if (!$flag{-no_redis} && !_in_path('redis-server')) {
-        Test::More::plan(skip_all => 'redis-server not found in PATH');
+        Test::More::BAIL_OUT('redis-server not found in PATH (apt-get install redis-server)');
     }
     __PACKAGE__->export_to_level(1, $class, @args ? @args : @EXPORT);
 }
