@@ -7,17 +7,27 @@ use core::{mem, ptr, slice};
 use ngx::core::{Pool, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_http_compile_complex_value, ngx_http_compile_complex_value_t,
-    ngx_http_complex_value_t, ngx_http_core_loc_conf_t, ngx_parse_url, ngx_str_t, ngx_url_t,
-    NGX_LOG_EMERG, NGX_OK,
+    ngx_http_complex_value_t, ngx_http_core_loc_conf_t, ngx_http_request_t, ngx_msec_t,
+    ngx_parse_size, ngx_parse_time, ngx_parse_url, ngx_str_t, ngx_uint_t, ngx_url_t,
+    NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_ERROR, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
-use ngx::ngx_conf_log_error;
+use ngx::{ngx_conf_log_error, ngx_string};
+use wschat_core::rate::Limit;
+use wschat_core::redis_addr::{self, RedisAddr};
 
 use crate::{conf_error, handler, module};
-use wschat_core::redis_addr::{self, RedisAddr};
 
 /// Used when a chat location names no Redis: where redis-server listens by default.
 const DEFAULT_REDIS: &str = "127.0.0.1:6379";
+const DEFAULT_MAX_MESSAGE: usize = 64 * 1024;
+const DEFAULT_SEND_BUFFER: usize = 256 * 1024;
+const DEFAULT_PING_INTERVAL: ngx_msec_t = 30_000;
+const DEFAULT_IDLE_TIMEOUT: ngx_msec_t = 60_000;
+/// tungstenite refuses larger frames anyway; a chat message has no business
+/// being bigger.
+const MAX_MESSAGE_CEILING: usize = 16 * 1024 * 1024;
 
 /// One Redis server as nginx will dial it.
 pub struct Endpoint {
@@ -33,12 +43,27 @@ pub struct MainConf {
     pub endpoints: Vec<Endpoint>,
 }
 
+/// Which `Origin`s may open a session.
+#[derive(Clone)]
+pub enum Origins {
+    Any,
+    Only(Vec<String>),
+}
+
+/// The per-location settings. `None` means "not set here": merged from the
+/// enclosing level, then defaulted.
 #[derive(Default)]
 pub struct LocConf {
     enabled: bool,
     redis: Option<usize>,
     room: Option<ptr::NonNull<ngx_http_complex_value_t>>,
     user: Option<ptr::NonNull<ngx_http_complex_value_t>>,
+    max_message: Option<usize>,
+    send_buffer: Option<usize>,
+    ping_interval: Option<ngx_msec_t>,
+    idle_timeout: Option<ngx_msec_t>,
+    rate: Option<Option<Limit>>,
+    origins: Option<Origins>,
 }
 
 impl LocConf {
@@ -56,6 +81,30 @@ impl LocConf {
     pub fn user(&self) -> Option<&ngx_http_complex_value_t> {
         // SAFETY: as for `room`.
         self.user.map(|p| unsafe { p.as_ref() })
+    }
+
+    pub fn max_message(&self) -> usize {
+        self.max_message.unwrap_or(DEFAULT_MAX_MESSAGE)
+    }
+
+    pub fn send_buffer(&self) -> usize {
+        self.send_buffer.unwrap_or(DEFAULT_SEND_BUFFER)
+    }
+
+    pub fn ping_interval(&self) -> ngx_msec_t {
+        self.ping_interval.unwrap_or(DEFAULT_PING_INTERVAL)
+    }
+
+    pub fn idle_timeout(&self) -> ngx_msec_t {
+        self.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT)
+    }
+
+    pub fn rate(&self) -> Option<&Limit> {
+        self.rate.as_ref().and_then(Option::as_ref)
+    }
+
+    pub fn origins(&self) -> &Origins {
+        self.origins.as_ref().unwrap_or(&Origins::Any)
     }
 }
 
@@ -77,6 +126,79 @@ unsafe impl HttpModuleMainConf for Module {
 unsafe impl HttpModuleLocationConf for Module {
     type LocationConf = LocConf;
 }
+
+/// Looks up this module's http-level configuration from a request.
+pub fn main_conf(r: &ngx_http_request_t) -> Option<&'static MainConf> {
+    Module::main_conf(r)
+}
+
+pub fn loc_conf(r: &ngx_http_request_t) -> Option<&'static LocConf> {
+    Module::location_conf(r)
+}
+
+const ANY_LEVEL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
+
+type Setter = unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char;
+
+const fn directive(name: ngx_str_t, args: u32, set: Setter) -> ngx_command_t {
+    ngx_command_t {
+        name,
+        type_: (ANY_LEVEL | args) as ngx_uint_t,
+        set: Some(set),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    }
+}
+
+pub static mut COMMANDS: [ngx_command_t; 11] = [
+    ngx_command_t {
+        name: ngx_string!("websocket_chat"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(set_websocket_chat),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    directive(
+        ngx_string!("websocket_chat_redis"),
+        NGX_CONF_TAKE1,
+        set_redis,
+    ),
+    directive(ngx_string!("websocket_chat_room"), NGX_CONF_TAKE1, set_room),
+    directive(ngx_string!("websocket_chat_user"), NGX_CONF_TAKE1, set_user),
+    directive(
+        ngx_string!("websocket_chat_max_message"),
+        NGX_CONF_TAKE1,
+        set_max_message,
+    ),
+    directive(
+        ngx_string!("websocket_chat_send_buffer"),
+        NGX_CONF_TAKE1,
+        set_send_buffer,
+    ),
+    directive(
+        ngx_string!("websocket_chat_ping_interval"),
+        NGX_CONF_TAKE1,
+        set_ping_interval,
+    ),
+    directive(
+        ngx_string!("websocket_chat_idle_timeout"),
+        NGX_CONF_TAKE1,
+        set_idle_timeout,
+    ),
+    directive(
+        ngx_string!("websocket_chat_rate"),
+        NGX_CONF_TAKE12,
+        set_rate,
+    ),
+    directive(
+        ngx_string!("websocket_chat_origin"),
+        NGX_CONF_1MORE,
+        set_origin,
+    ),
+    ngx_command_t::empty(),
+];
 
 pub extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     // SAFETY: nginx passes a valid configuration context with a live pool.
@@ -100,6 +222,24 @@ pub extern "C" fn merge_loc_conf(
     conf.redis = conf.redis.or(prev.redis);
     conf.room = conf.room.or(prev.room);
     conf.user = conf.user.or(prev.user);
+    conf.max_message = conf.max_message.or(prev.max_message);
+    conf.send_buffer = conf.send_buffer.or(prev.send_buffer);
+    conf.ping_interval = conf.ping_interval.or(prev.ping_interval);
+    conf.idle_timeout = conf.idle_timeout.or(prev.idle_timeout);
+    conf.rate = conf.rate.or(prev.rate);
+    if conf.origins.is_none() {
+        conf.origins = prev.origins.clone();
+    }
+    if conf.idle_timeout() <= conf.ping_interval() {
+        ngx_conf_log_error!(
+            NGX_LOG_EMERG,
+            cf,
+            "\"websocket_chat_idle_timeout\" ({} ms) must be longer than \"websocket_chat_ping_interval\" ({} ms)",
+            conf.idle_timeout(),
+            conf.ping_interval()
+        );
+        return conf_error();
+    }
     if conf.enabled && conf.redis.is_none() {
         match add_endpoint(cf, DEFAULT_REDIS) {
             Ok(index) => conf.redis = Some(index),
@@ -115,108 +255,234 @@ fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
     unsafe { (*(*cf).args).as_slice() }
 }
 
-fn duplicate(cf: *mut ngx_conf_t) -> *mut c_char {
-    ngx_conf_log_error!(
-        NGX_LOG_EMERG,
-        cf,
-        "\"{}\" directive is duplicate",
-        args(cf)[0]
-    );
-    conf_error()
-}
-
-fn loc_conf<'a>(conf: *mut c_void) -> &'a mut LocConf {
+fn loc_conf_mut<'a>(conf: *mut c_void) -> &'a mut LocConf {
     // SAFETY: every directive of this module stores into its LocConf
     // (NGX_HTTP_LOC_CONF_OFFSET), which nginx passes as `conf`.
     unsafe { &mut *(conf as *mut LocConf) }
 }
 
-pub extern "C" fn set_websocket_chat(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
-) -> *mut c_char {
-    let lc = loc_conf(conf);
-    if lc.enabled {
-        return duplicate(cf);
-    }
-    lc.enabled = true;
-    // SAFETY: cf is a valid http configuration context inside a location.
-    let clcf: &mut ngx_http_core_loc_conf_t =
-        match NgxHttpCoreModule::location_conf_mut(unsafe { &*cf }) {
-            Some(clcf) => clcf,
-            None => return conf_error(),
-        };
-    clcf.handler = Some(handler::websocket_chat_handler);
-    NGX_CONF_OK
+/// Why a directive's value was refused; logged with the file and line.
+enum ConfError {
+    Invalid(&'static str),
+    Other(String),
+    /// nginx has logged the reason already.
+    Logged,
 }
 
-pub extern "C" fn set_redis(
+/// Stores a directive's value once: a second occurrence in the same block is
+/// an error, as for nginx's own directives.
+fn set_once<T>(
     cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
+    slot: &mut Option<T>,
+    parse: impl FnOnce(&[ngx_str_t]) -> Result<T, ConfError>,
 ) -> *mut c_char {
-    let lc = loc_conf(conf);
-    if lc.redis.is_some() {
-        return duplicate(cf);
-    }
-    let value = args(cf)[1];
-    let Ok(text) = value.to_str() else {
-        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "invalid Redis address \"{}\"", value);
+    let args = args(cf);
+    if slot.is_some() {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"{}\" directive is duplicate", args[0]);
         return conf_error();
-    };
-    match add_endpoint(cf, text) {
-        Ok(index) => {
-            lc.redis = Some(index);
+    }
+    match parse(&args[1..]) {
+        Ok(value) => {
+            *slot = Some(value);
             NGX_CONF_OK
         }
-        Err(()) => conf_error(),
+        Err(ConfError::Invalid(what)) => {
+            let value = args[1..]
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(" ");
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "{} \"{}\" in \"{}\" directive",
+                what,
+                value,
+                args[0]
+            );
+            conf_error()
+        }
+        Err(ConfError::Other(message)) => {
+            ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", message);
+            conf_error()
+        }
+        Err(ConfError::Logged) => conf_error(),
     }
 }
 
-pub extern "C" fn set_room(
+extern "C" fn set_websocket_chat(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let lc = loc_conf(conf);
-    if lc.room.is_some() {
-        return duplicate(cf);
+    let lc = loc_conf_mut(conf);
+    let mut enabled = lc.enabled.then_some(());
+    let rv = set_once(cf, &mut enabled, |_| Ok(()));
+    lc.enabled = enabled.is_some();
+    if rv != NGX_CONF_OK {
+        return rv;
     }
-    match compile_complex_value(cf) {
-        Some(cv) => {
-            lc.room = Some(cv);
+    // SAFETY: cf is a valid http configuration context inside a location.
+    let clcf: Option<&mut ngx_http_core_loc_conf_t> =
+        NgxHttpCoreModule::location_conf_mut(unsafe { &*cf });
+    match clcf {
+        Some(clcf) => {
+            clcf.handler = Some(handler::websocket_chat_handler);
             NGX_CONF_OK
         }
         None => conf_error(),
     }
 }
 
-pub extern "C" fn set_user(
+extern "C" fn set_redis(
     cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
+    _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let lc = loc_conf(conf);
-    if lc.user.is_some() {
-        return duplicate(cf);
-    }
-    match compile_complex_value(cf) {
-        Some(cv) => {
-            lc.user = Some(cv);
-            NGX_CONF_OK
+    set_once(cf, &mut loc_conf_mut(conf).redis, |args| {
+        let text = args[0]
+            .to_str()
+            .map_err(|_| ConfError::Invalid("invalid Redis address"))?;
+        add_endpoint(cf, text).map_err(|()| ConfError::Logged)
+    })
+}
+
+extern "C" fn set_room(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).room, |_| {
+        compile_complex_value(cf)
+    })
+}
+
+extern "C" fn set_user(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).user, |_| {
+        compile_complex_value(cf)
+    })
+}
+
+extern "C" fn set_max_message(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(
+        cf,
+        &mut loc_conf_mut(conf).max_message,
+        |args| match parse_size(&args[0]) {
+            Some(n) if n > 0 && n <= MAX_MESSAGE_CEILING => Ok(n),
+            _ => Err(ConfError::Invalid("invalid size (1 to 16m)")),
+        },
+    )
+}
+
+extern "C" fn set_send_buffer(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(
+        cf,
+        &mut loc_conf_mut(conf).send_buffer,
+        |args| match parse_size(&args[0]) {
+            Some(n) if n >= 1024 => Ok(n),
+            _ => Err(ConfError::Invalid("invalid size (at least 1k)")),
+        },
+    )
+}
+
+extern "C" fn set_ping_interval(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).ping_interval, |args| {
+        parse_time(&args[0])
+    })
+}
+
+extern "C" fn set_idle_timeout(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).idle_timeout, |args| {
+        parse_time(&args[0])
+    })
+}
+
+extern "C" fn set_rate(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).rate, |args| {
+        let words: Vec<&str> = args.iter().filter_map(|a| a.to_str().ok()).collect();
+        if words.len() != args.len() {
+            return Err(ConfError::Invalid("invalid value"));
         }
-        None => conf_error(),
+        if words == ["off"] {
+            return Ok(None);
+        }
+        Limit::parse(&words)
+            .map(Some)
+            .map_err(|e| ConfError::Other(format!("{e} in \"websocket_chat_rate\" directive")))
+    })
+}
+
+extern "C" fn set_origin(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).origins, |args| {
+        let words: Option<Vec<String>> = args
+            .iter()
+            .map(|a| a.to_str().ok().map(str::to_owned))
+            .collect();
+        match words {
+            Some(words) if words == ["any"] => Ok(Origins::Any),
+            Some(words) if !words.iter().any(|w| w == "any" || w.is_empty()) => {
+                Ok(Origins::Only(words))
+            }
+            _ => Err(ConfError::Invalid("invalid origin list")),
+        }
+    })
+}
+
+fn parse_size(value: &ngx_str_t) -> Option<usize> {
+    let mut v = *value;
+    // SAFETY: v is a valid ngx_str_t; nginx only reads it.
+    let n = unsafe { ngx_parse_size(&mut v) };
+    (n != NGX_ERROR as isize).then_some(n as usize)
+}
+
+fn parse_time(value: &ngx_str_t) -> Result<ngx_msec_t, ConfError> {
+    let mut v = *value;
+    // SAFETY: v is a valid ngx_str_t; nginx only reads it.
+    let n = unsafe { ngx_parse_time(&mut v, 0) };
+    if n == NGX_ERROR as isize || n <= 0 {
+        return Err(ConfError::Invalid("invalid time"));
     }
+    Ok(n as ngx_msec_t)
 }
 
 /// Compiles the directive's argument (variables allowed) into the
 /// configuration pool.
-fn compile_complex_value(cf: *mut ngx_conf_t) -> Option<ptr::NonNull<ngx_http_complex_value_t>> {
+fn compile_complex_value(
+    cf: *mut ngx_conf_t,
+) -> Result<ptr::NonNull<ngx_http_complex_value_t>, ConfError> {
     // SAFETY: cf is valid during the directive; the pool outlives the
     // configuration that keeps the pointer.
     let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
-    let cv = ptr::NonNull::new(pool.calloc_type::<ngx_http_complex_value_t>())?;
+    let cv = ptr::NonNull::new(pool.calloc_type::<ngx_http_complex_value_t>())
+        .ok_or(ConfError::Logged)?;
     let mut value = args(cf)[1];
     // SAFETY: an all-zero ngx_http_compile_complex_value_t is its documented
     // initial state (nginx itself ngx_memzero()s it).
@@ -225,7 +491,10 @@ fn compile_complex_value(cf: *mut ngx_conf_t) -> Option<ptr::NonNull<ngx_http_co
     ccv.value = &mut value;
     ccv.complex_value = cv.as_ptr();
     // SAFETY: ccv is fully initialised; nginx logs its own error on failure.
-    (unsafe { ngx_http_compile_complex_value(&mut ccv) } == NGX_OK as isize).then_some(cv)
+    if unsafe { ngx_http_compile_complex_value(&mut ccv) } != NGX_OK as isize {
+        return Err(ConfError::Logged);
+    }
+    Ok(cv)
 }
 
 /// Parses and resolves a Redis address and records it in the main
@@ -286,13 +555,4 @@ fn resolve(cf: *mut ngx_conf_t, addr: &RedisAddr) -> Result<Box<[u8]>, ()> {
     let bytes =
         unsafe { slice::from_raw_parts(first.sockaddr.cast::<u8>(), first.socklen as usize) };
     Ok(bytes.into())
-}
-
-/// Looks up this module's http-level configuration from a request.
-pub fn main_conf(r: &ngx::ffi::ngx_http_request_t) -> Option<&'static MainConf> {
-    Module::main_conf(r)
-}
-
-pub fn loc_conf_of(r: &ngx::ffi::ngx_http_request_t) -> Option<&'static LocConf> {
-    Module::location_conf(r)
 }

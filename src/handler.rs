@@ -12,7 +12,7 @@ use ngx::ffi::{
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule, Request};
 use ngx::ngx_log_error;
 
-use crate::conf;
+use crate::conf::{self, LocConf, Origins};
 use crate::session::Session;
 use crate::worker;
 use wschat_core::handshake::{self, Rejection};
@@ -26,7 +26,10 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
     }
     let log = req.connection_log();
 
-    let accept = match check_handshake(req) {
+    let Some(lc) = conf::loc_conf(req) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    let accept = match check_handshake(req, lc) {
         Ok(accept) => accept,
         Err(rejection) => {
             ngx_log_error!(
@@ -48,10 +51,21 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
         return NGX_HTTP_BAD_REQUEST as ngx_int_t;
     }
 
-    let (Some(lc), Some(main)) = (conf::loc_conf_of(req), conf::main_conf(req)) else {
+    let Some(main) = conf::main_conf(req) else {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
-    let room = names::room(&evaluate(req, lc.room()));
+    let room = match names::room(&evaluate(req, lc.room())) {
+        Ok(room) => room,
+        Err(bad) => {
+            ngx_log_error!(
+                NGX_LOG_INFO,
+                log,
+                "websocket_chat: handshake rejected: {}",
+                bad
+            );
+            return NGX_HTTP_BAD_REQUEST as ngx_int_t;
+        }
+    };
     let user = names::user(&evaluate(req, lc.user()), worker::random());
     let Some(link) = worker::link(main, lc.redis()) else {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
@@ -69,7 +83,7 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
     unsafe {
         let main_req = &mut *req.main;
         main_req.set_count(main_req.count() + 1);
-        if Session::start(r, link, room, user, preread).is_err() {
+        if Session::start(r, lc, link, room, user, preread).is_err() {
             return NGX_ERROR as ngx_int_t;
         }
     }
@@ -88,18 +102,23 @@ impl ConnectionLog for ngx_http_request_t {
     }
 }
 
-fn check_handshake(req: &mut ngx_http_request_t) -> Result<String, Rejection> {
+fn check_handshake(req: &mut ngx_http_request_t, lc: &LocConf) -> Result<String, Rejection> {
     // SAFETY: the request is live; Request is a transparent wrapper.
     let request = unsafe { Request::from_ngx_http_request(req) };
     let headers: Vec<(&[u8], &[u8])> = request
         .headers_in_iterator()
         .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
         .collect();
-    handshake::accept(&handshake::Request {
+    let request = handshake::Request {
         method: req.method_name.as_bytes(),
         http_version: req.http_version as u32,
         headers: &headers,
-    })
+    };
+    let accept = handshake::accept(&request)?;
+    if let Origins::Only(allowed) = lc.origins() {
+        handshake::check_origin(&request, allowed)?;
+    }
+    Ok(accept)
 }
 
 /// Answers a failed handshake. 426 must name the version we speak.

@@ -11,10 +11,8 @@ use core::ptr;
 
 use ngx::ffi::{
     ngx_command_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t,
-    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
-    NGX_HTTP_MAIN_CONF, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_OK,
+    NGX_HTTP_MODULE, NGX_OK,
 };
-use ngx::ngx_string;
 
 mod client_io;
 mod conf;
@@ -37,44 +35,6 @@ static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     merge_loc_conf: Some(conf::merge_loc_conf),
 };
 
-const ANY_LEVEL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
-
-static mut COMMANDS: [ngx_command_t; 5] = [
-    ngx_command_t {
-        name: ngx_string!("websocket_chat"),
-        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
-        set: Some(conf::set_websocket_chat),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("websocket_chat_redis"),
-        type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(conf::set_redis),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("websocket_chat_room"),
-        type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(conf::set_room),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("websocket_chat_user"),
-        type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(conf::set_user),
-        conf: NGX_HTTP_LOC_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t::empty(),
-];
-
 // nginx's own build generates the module list for a dynamic module; a plain
 // `cargo build` has to export it itself.
 #[cfg(feature = "export-modules")]
@@ -87,7 +47,7 @@ pub static mut ngx_http_websocket_chat_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of!(MODULE_CTX) as *mut c_void,
     // nginx reads the command table during configuration only; it is never
     // written.
-    commands: ptr::addr_of_mut!(COMMANDS) as *mut ngx_command_t,
+    commands: ptr::addr_of_mut!(conf::COMMANDS) as *mut ngx_command_t,
     type_: NGX_HTTP_MODULE as ngx_uint_t,
     init_process: Some(init_process),
     exit_process: Some(exit_process),

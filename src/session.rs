@@ -7,9 +7,9 @@ use core::ptr::{self, NonNull};
 use std::rc::Rc;
 
 use ngx::ffi::{
-    ngx_connection_t, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event,
-    ngx_http_close_request, ngx_http_output_filter, ngx_http_request_t, ngx_pool_cleanup_add,
-    NGX_AGAIN, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
+    ngx_connection_t, ngx_current_msec, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event,
+    ngx_http_close_request, ngx_http_output_filter, ngx_http_request_t, ngx_msec_t,
+    ngx_pool_cleanup_add, NGX_AGAIN, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
 };
 use ngx::ngx_log_error;
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -17,15 +17,13 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::client_io::{self, ClientIo};
+use crate::conf::LocConf;
 use crate::redis_link::Link;
 use crate::send_queue::Flushed;
 use crate::{module, time, worker};
+use wschat_core::rate::Bucket;
 use wschat_core::{envelope, frame};
 
-/// Largest chat message accepted from a client.
-const MAX_MESSAGE: usize = 64 * 1024;
-/// Bytes that may wait for one client before it counts as a slow consumer.
-const SEND_LIMIT: usize = 256 * 1024;
 /// tungstenite's read buffer is allocated eagerly per client: keep it small
 /// so that many idle clients stay cheap.
 const READ_BUFFER: usize = 4 * 1024;
@@ -33,6 +31,8 @@ const READ_BUFFER: usize = 4 * 1024;
 const EARLY_LIMIT: usize = 32;
 /// How long a closing connection may take to drain its last frames.
 const LINGER_MS: usize = 5_000;
+/// Rate-limited messages in a row after which a client counts as flooding.
+const FLOOD_REJECTIONS: u8 = 10;
 
 pub mod close {
     pub const GOING_AWAY: u16 = 1001;
@@ -46,6 +46,7 @@ pub mod close {
 pub struct Session {
     r: *mut ngx_http_request_t,
     c: *mut ngx_connection_t,
+    conf: &'static LocConf,
     ws: WebSocket<ClientIo>,
     link: NonNull<Link>,
     room: Box<str>,
@@ -56,6 +57,10 @@ pub struct Session {
     closing: bool,
     /// A close decided while fanning out, carried out on the next write event.
     pending_close: Option<(u16, &'static str)>,
+    /// When the client last sent anything (nginx's millisecond clock).
+    last_heard: ngx_msec_t,
+    rate: Bucket,
+    rejected_in_row: u8,
 }
 
 /// What the read handler should do after looking at the socket.
@@ -74,6 +79,7 @@ impl Session {
     /// reference count raised for this session.
     pub unsafe fn start(
         r: *mut ngx_http_request_t,
+        conf: &'static LocConf,
         link: NonNull<Link>,
         room: String,
         user: String,
@@ -84,10 +90,10 @@ impl Session {
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(0)
-            .max_message_size(Some(MAX_MESSAGE))
-            .max_frame_size(Some(MAX_MESSAGE));
+            .max_message_size(Some(conf.max_message()))
+            .max_frame_size(Some(conf.max_message()));
         let ws = WebSocket::from_partially_read(
-            ClientIo::new(c, SEND_LIMIT),
+            ClientIo::new(c, conf.send_buffer()),
             preread,
             Role::Server,
             Some(config),
@@ -95,6 +101,7 @@ impl Session {
         let session = Box::into_raw(Box::new(Session {
             r,
             c,
+            conf,
             ws,
             link,
             room: room.into(),
@@ -102,6 +109,10 @@ impl Session {
             early: Some(Vec::new()),
             closing: false,
             pending_close: None,
+            // SAFETY: nginx's clock, read on its own thread.
+            last_heard: unsafe { ngx_current_msec },
+            rate: Bucket::default(),
+            rejected_in_row: 0,
         }));
 
         // SAFETY: the request pool outlives every use of the session; the
@@ -121,6 +132,9 @@ impl Session {
             // nginx's graceful shutdown visits idle connections with c->close
             // set: that is the hook for the 1001 close.
             (*c).set_idle(1);
+            // The heartbeat timer must not keep a shutting-down worker alive.
+            (*(*c).read).set_cancelable(1);
+            ngx::ffi::ngx_add_timer((*c).read, conf.ping_interval());
         }
 
         // SAFETY: just allocated; the registry keeps the pointer until Drop.
@@ -182,7 +196,22 @@ impl Session {
         };
     }
 
-    fn on_text(&mut self, text: &str) {
+    /// Publishes one chat message, unless the sender is over its rate.
+    fn on_text(&mut self, text: &str) -> Result<(), (u16, &'static str)> {
+        if let Some(limit) = self.conf.rate() {
+            if !self.rate.allow(limit, time::now_ms()) {
+                self.rejected_in_row += 1;
+                if self.rejected_in_row >= FLOOD_REJECTIONS {
+                    return Err((close::POLICY, "rate limit exceeded"));
+                }
+                self.notify_error(
+                    "rate_limited",
+                    "message not sent: too many messages, slow down",
+                );
+                return Ok(());
+            }
+            self.rejected_in_row = 0;
+        }
         let id = worker::next_id();
         let event = envelope::message(&self.room, &self.user, text, time::now_ms(), &id);
         if let Some(early) = &mut self.early {
@@ -191,20 +220,44 @@ impl Session {
             } else {
                 self.notify_error("not_joined", "message not sent: still joining the room");
             }
-            return;
+            return Ok(());
         }
         // SAFETY: links live as long as the worker.
         let link = unsafe { &mut *self.link.as_ptr() };
         if link.publish(&self.room, &event).is_err() {
             self.notify_backlog_full();
         }
+        Ok(())
+    }
+
+    /// The heartbeat: pings a quiet client, closes one that stays silent.
+    fn on_heartbeat(&mut self) {
+        // SAFETY: nginx's clock, read on its own thread.
+        let silent = unsafe { ngx_current_msec }.wrapping_sub(self.last_heard);
+        let (ping, idle) = (self.conf.ping_interval(), self.conf.idle_timeout());
+        if silent >= idle {
+            self.begin_close(close::GOING_AWAY, "idle timeout");
+            return;
+        }
+        let next = if silent >= ping {
+            self.send(frame::ping_frame(b""));
+            ping.min(idle - silent)
+        } else {
+            ping - silent
+        };
+        // SAFETY: c is live while the session is.
+        unsafe { ngx::ffi::ngx_add_timer((*self.c).read, next) };
     }
 
     /// Reads and handles every complete frame the socket has.
     fn read_frames(&mut self) -> After {
         loop {
             match self.ws.read() {
-                Ok(Message::Text(text)) => self.on_text(text.as_str()),
+                Ok(Message::Text(text)) => {
+                    if let Err((code, reason)) = self.on_text(text.as_str()) {
+                        return After::Close(code, reason);
+                    }
+                }
                 Ok(Message::Binary(_)) => {
                     return After::Close(close::UNSUPPORTED, "binary messages are not supported")
                 }
@@ -245,6 +298,9 @@ impl Session {
     /// Starts the closing handshake from our side: the close frame goes out
     /// after anything already part-way out, and then the connection ends.
     fn begin_close(&mut self, code: u16, reason: &str) {
+        if self.closing {
+            return;
+        }
         let log = self.log();
         ngx_log_error!(
             NGX_LOG_INFO,
@@ -318,9 +374,12 @@ unsafe extern "C" fn on_read(ev: *mut ngx_event_t) {
             return;
         }
         if (*ev).timedout() != 0 {
-            finish(s);
+            (*ev).set_timedout(0);
+            (*s).on_heartbeat();
+            flush(s);
             return;
         }
+        (*s).last_heard = ngx_current_msec;
         handle_read(s);
     }
 }

@@ -24,6 +24,10 @@ pub fn text_frame(payload: &[u8]) -> Rc<[u8]> {
     encode(OpCode::Data(Data::Text), payload)
 }
 
+pub fn ping_frame(payload: &[u8]) -> Rc<[u8]> {
+    encode(OpCode::Control(Control::Ping), payload)
+}
+
 pub fn close_frame(code: u16, reason: &str) -> Rc<[u8]> {
     let mut payload = Vec::with_capacity(2 + reason.len());
     payload.extend_from_slice(&code.to_be_bytes());
@@ -52,6 +56,11 @@ mod tests {
         let f = text_frame(&vec![b'a'; 70_000]);
         assert_eq!(&f[..2], &[0x81, 127]);
         assert_eq!(u64::from_be_bytes(f[2..10].try_into().unwrap()), 70_000);
+    }
+
+    #[test]
+    fn ping_frame_is_a_control_frame() {
+        assert_eq!(&*ping_frame(b""), &[0x89, 0]);
     }
 
     #[test]

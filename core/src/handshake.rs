@@ -20,6 +20,7 @@ pub enum Rejection {
     Connection,
     Key,
     Version,
+    Origin,
 }
 
 impl Rejection {
@@ -30,6 +31,7 @@ impl Rejection {
             // 426 tells the client to retry with the version we advertise
             // in `Sec-WebSocket-Version`; everything else is a plain bad request.
             Rejection::Version => 426,
+            Rejection::Origin => 403,
             Rejection::HttpVersion
             | Rejection::Upgrade
             | Rejection::Connection
@@ -47,6 +49,7 @@ impl fmt::Display for Rejection {
             Rejection::Connection => "missing \"Connection: upgrade\" header",
             Rejection::Key => "missing, duplicated or invalid \"Sec-WebSocket-Key\" header",
             Rejection::Version => "unsupported \"Sec-WebSocket-Version\" (only 13 is supported)",
+            Rejection::Origin => "\"Origin\" missing or not allowed",
         })
     }
 }
@@ -73,6 +76,24 @@ pub fn accept(req: &Request<'_>) -> Result<String, Rejection> {
     let key = single_key(req)?;
     check_version(req)?;
     Ok(tungstenite::handshake::derive_accept_key(key))
+}
+
+/// With a list of allowed origins, a handshake must come from one of them:
+/// browsers always send `Origin`, so this stops other sites' pages from
+/// opening chat sessions with the user's cookies (cross-site WebSocket
+/// hijacking). Origins compare ASCII case-insensitively.
+pub fn check_origin(req: &Request<'_>, allowed: &[String]) -> Result<(), Rejection> {
+    let mut origins = header_values(req, b"origin");
+    match (origins.next(), origins.next()) {
+        (Some(origin), None)
+            if allowed
+                .iter()
+                .any(|a| trim_ows(origin).eq_ignore_ascii_case(a.as_bytes())) =>
+        {
+            Ok(())
+        }
+        _ => Err(Rejection::Origin),
+    }
 }
 
 fn header_values<'r>(req: &'r Request<'_>, name: &'r [u8]) -> impl Iterator<Item = &'r [u8]> {
@@ -342,5 +363,34 @@ mod tests {
             Rejection::Upgrade.to_string(),
             "missing \"Upgrade: websocket\" header"
         );
+    }
+
+    #[test]
+    fn origin_must_be_listed() {
+        let allowed = vec![
+            "https://a.example".to_owned(),
+            "http://localhost:8080".to_owned(),
+        ];
+        let check = |headers: &[(&[u8], &[u8])]| {
+            let req = Request {
+                method: b"GET",
+                http_version: 1001,
+                headers,
+            };
+            check_origin(&req, &allowed)
+        };
+        assert_eq!(check(&[(b"Origin", b"https://a.example")]), Ok(()));
+        assert_eq!(check(&[(b"origin", b"HTTPS://A.EXAMPLE")]), Ok(()));
+        assert_eq!(check(&[(b"Origin", b"http://localhost:8080")]), Ok(()));
+        assert_eq!(
+            check(&[(b"Origin", b"https://a.example.evil")]),
+            Err(Rejection::Origin)
+        );
+        assert_eq!(check(&[(b"Origin", b"null")]), Err(Rejection::Origin));
+        assert_eq!(check(&[]), Err(Rejection::Origin));
+        let two: &[(&[u8], &[u8])] =
+            &[(b"Origin", b"https://a.example"), (b"Origin", b"https://b")];
+        assert_eq!(check(two), Err(Rejection::Origin));
+        assert_eq!(Rejection::Origin.status(), 403);
     }
 }

@@ -6,6 +6,7 @@ pub mod envelope;
 pub mod frame;
 pub mod handshake;
 pub mod names;
+pub mod rate;
 pub mod redis_addr;
 pub mod resp;
 pub mod room;
