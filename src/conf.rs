@@ -10,10 +10,11 @@ use ngx::ffi::{
     ngx_http_complex_value_t, ngx_http_core_loc_conf_t, ngx_http_request_t, ngx_msec_t,
     ngx_parse_size, ngx_parse_time, ngx_parse_url, ngx_str_t, ngx_uint_t, ngx_url_t,
     NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_ERROR, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_OK,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
+    NGX_LOG_EMERG, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
-use ngx::{ngx_conf_log_error, ngx_string};
+use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
 use wschat_core::rate::Limit;
 use wschat_core::redis_addr::{self, RedisAddr};
 
@@ -25,6 +26,8 @@ const DEFAULT_MAX_MESSAGE: usize = 64 * 1024;
 const DEFAULT_SEND_BUFFER: usize = 256 * 1024;
 const DEFAULT_PING_INTERVAL: ngx_msec_t = 30_000;
 const DEFAULT_IDLE_TIMEOUT: ngx_msec_t = 60_000;
+const DEFAULT_REDIS_TIMEOUT: ngx_msec_t = 5_000;
+const DEFAULT_REDIS_BACKLOG: usize = 1024 * 1024;
 /// tungstenite refuses larger frames anyway; a chat message has no business
 /// being bigger.
 const MAX_MESSAGE_CEILING: usize = 16 * 1024 * 1024;
@@ -41,6 +44,20 @@ pub struct Endpoint {
 #[derive(Default)]
 pub struct MainConf {
     pub endpoints: Vec<Endpoint>,
+    redis_timeout: Option<ngx_msec_t>,
+    redis_backlog: Option<usize>,
+}
+
+impl MainConf {
+    /// Connect timeout, and how long Redis may take to answer.
+    pub fn redis_timeout(&self) -> ngx_msec_t {
+        self.redis_timeout.unwrap_or(DEFAULT_REDIS_TIMEOUT)
+    }
+
+    /// Bytes of PUBLISHes a worker holds per Redis while it is unreachable.
+    pub fn redis_backlog(&self) -> usize {
+        self.redis_backlog.unwrap_or(DEFAULT_REDIS_BACKLOG)
+    }
 }
 
 /// Which `Origin`s may open a session.
@@ -48,6 +65,26 @@ pub struct MainConf {
 pub enum Origins {
     Any,
     Only(Vec<String>),
+}
+
+/// A configuration file and line.
+#[derive(Clone)]
+struct ConfPlace {
+    file: String,
+    line: usize,
+}
+
+impl ConfPlace {
+    fn of(cf: *mut ngx_conf_t) -> Option<ConfPlace> {
+        // SAFETY: while a directive is parsed, conf_file is the file it is in.
+        unsafe {
+            let file = (*cf).conf_file.as_ref()?;
+            Some(ConfPlace {
+                file: file.file.name.to_string(),
+                line: file.line,
+            })
+        }
+    }
 }
 
 /// The per-location settings. `None` means "not set here": merged from the
@@ -62,6 +99,9 @@ pub struct LocConf {
     send_buffer: Option<usize>,
     ping_interval: Option<ngx_msec_t>,
     idle_timeout: Option<ngx_msec_t>,
+    /// Where the heartbeat was configured in this block, for errors found
+    /// only when the levels are merged.
+    heartbeat_at: Option<ConfPlace>,
     rate: Option<Option<Limit>>,
     origins: Option<Origins>,
 }
@@ -151,7 +191,18 @@ const fn directive(name: ngx_str_t, args: u32, set: Setter) -> ngx_command_t {
     }
 }
 
-pub static mut COMMANDS: [ngx_command_t; 11] = [
+const fn main_directive(name: ngx_str_t, set: Setter) -> ngx_command_t {
+    ngx_command_t {
+        name,
+        type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(set),
+        conf: NGX_HTTP_MAIN_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    }
+}
+
+pub static mut COMMANDS: [ngx_command_t; 13] = [
     ngx_command_t {
         name: ngx_string!("websocket_chat"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
@@ -197,6 +248,14 @@ pub static mut COMMANDS: [ngx_command_t; 11] = [
         NGX_CONF_1MORE,
         set_origin,
     ),
+    main_directive(
+        ngx_string!("websocket_chat_redis_timeout"),
+        set_redis_timeout,
+    ),
+    main_directive(
+        ngx_string!("websocket_chat_redis_backlog"),
+        set_redis_backlog,
+    ),
     ngx_command_t::empty(),
 ];
 
@@ -231,14 +290,23 @@ pub extern "C" fn merge_loc_conf(
         conf.origins = prev.origins.clone();
     }
     if conf.idle_timeout() <= conf.ping_interval() {
-        ngx_conf_log_error!(
+        let place = conf.heartbeat_at.as_ref().or(prev.heartbeat_at.as_ref());
+        let (file, line) = place.map_or(("", 0), |p| (p.file.as_str(), p.line));
+        // SAFETY: cf->log is the configuration's log during merging.
+        let log = unsafe { (*cf).log };
+        ngx_log_error!(
             NGX_LOG_EMERG,
-            cf,
-            "\"websocket_chat_idle_timeout\" ({} ms) must be longer than \"websocket_chat_ping_interval\" ({} ms)",
+            log,
+            "\"websocket_chat_idle_timeout\" ({} ms) must be longer than \"websocket_chat_ping_interval\" ({} ms) in {}:{}",
             conf.idle_timeout(),
-            conf.ping_interval()
+            conf.ping_interval(),
+            file,
+            line
         );
         return conf_error();
+    }
+    if conf.heartbeat_at.is_none() {
+        conf.heartbeat_at = prev.heartbeat_at.clone();
     }
     if conf.enabled && conf.redis.is_none() {
         match add_endpoint(cf, DEFAULT_REDIS) {
@@ -402,9 +470,9 @@ extern "C" fn set_ping_interval(
     _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    set_once(cf, &mut loc_conf_mut(conf).ping_interval, |args| {
-        parse_time(&args[0])
-    })
+    let lc = loc_conf_mut(conf);
+    lc.heartbeat_at = ConfPlace::of(cf);
+    set_once(cf, &mut lc.ping_interval, |args| parse_time(&args[0]))
 }
 
 extern "C" fn set_idle_timeout(
@@ -412,9 +480,9 @@ extern "C" fn set_idle_timeout(
     _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    set_once(cf, &mut loc_conf_mut(conf).idle_timeout, |args| {
-        parse_time(&args[0])
-    })
+    let lc = loc_conf_mut(conf);
+    lc.heartbeat_at = ConfPlace::of(cf);
+    set_once(cf, &mut lc.idle_timeout, |args| parse_time(&args[0]))
 }
 
 extern "C" fn set_rate(
@@ -454,6 +522,37 @@ extern "C" fn set_origin(
             _ => Err(ConfError::Invalid("invalid origin list")),
         }
     })
+}
+
+fn main_conf_mut<'a>(conf: *mut c_void) -> &'a mut MainConf {
+    // SAFETY: main-level directives store into this module's MainConf
+    // (NGX_HTTP_MAIN_CONF_OFFSET), which nginx passes as `conf`.
+    unsafe { &mut *(conf as *mut MainConf) }
+}
+
+extern "C" fn set_redis_timeout(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut main_conf_mut(conf).redis_timeout, |args| {
+        parse_time(&args[0])
+    })
+}
+
+extern "C" fn set_redis_backlog(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(
+        cf,
+        &mut main_conf_mut(conf).redis_backlog,
+        |args| match parse_size(&args[0]) {
+            Some(n) if n >= 1024 => Ok(n),
+            _ => Err(ConfError::Invalid("invalid size (at least 1k)")),
+        },
+    )
 }
 
 fn parse_size(value: &ngx_str_t) -> Option<usize> {

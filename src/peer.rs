@@ -213,6 +213,19 @@ impl PeerConn {
         }
     }
 
+    /// Arms the connection's timer (connect and reply timeouts); it fires
+    /// as a timed-out read event.
+    pub fn arm_timer(&mut self, ms: ngx::ffi::ngx_msec_t) {
+        if let Some(c) = self.connection() {
+            // SAFETY: c is live; the timer dies with the connection and must
+            // not keep a shutting-down worker alive.
+            unsafe {
+                (*(*c).read).set_cancelable(1);
+                ngx::ffi::ngx_add_timer((*c).read, ms);
+            }
+        }
+    }
+
     /// Arms the reconnect timer.
     pub fn arm_retry(&mut self, data: *mut c_void, handler: ngx_event_handler_pt, delay_ms: u64) {
         self.retry.data = data;

@@ -2,32 +2,36 @@
 //! follows the rooms with local members, and a command connection that
 //! carries pipelined PUBLISHes. Messages come back through the subscription
 //! and are handed, as one shared frame, to every local member.
+//!
+//! When Redis goes away the sessions stay open: members are told, PUBLISHes
+//! wait in a bounded backlog, and both connections come back with capped
+//! exponential backoff. The backlog is held until every room is subscribed
+//! again, so that members see what was sent during the outage.
 
 use core::ffi::c_void;
 use core::ptr::NonNull;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use ngx::ffi::{ngx_connection_t, ngx_event_t, ngx_log_t, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_WARN};
+use ngx::ffi::{
+    ngx_connection_t, ngx_current_msec, ngx_event_t, ngx_log_t, ngx_msec_t, NGX_LOG_ERR,
+    NGX_LOG_INFO, NGX_LOG_WARN,
+};
 use ngx::ngx_log_error;
 use redis::Value;
-
-use crate::conf::Endpoint;
-use crate::peer::{PeerConn, ReadOutcome, State};
-use crate::session::Session;
-use crate::{time, worker};
 use wschat_core::backoff::Backoff;
-use wschat_core::envelope;
+use wschat_core::envelope::{self, Status};
 use wschat_core::frame;
 use wschat_core::resp::{self, Limits};
 use wschat_core::room::Registry;
 
+use crate::conf::{Endpoint, MainConf};
+use crate::peer::{PeerConn, ReadOutcome, State};
+use crate::session::Session;
+use crate::{time, worker};
+
 /// Room `r` travels on channel `wschat:r`.
 const CHANNEL_PREFIX: &str = "wschat:";
-
-/// Publishes that may wait per worker while the command connection is down
-/// or slow; past it the sender is told.
-const BACKLOG_BYTES: usize = 1 << 20;
 
 /// What the link accepts from Redis: nothing larger than a chat message can
 /// legitimately arrive, so anything much larger is a broken or hostile server.
@@ -52,6 +56,8 @@ enum Role {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Channel {
     Subscribing,
+    /// Subscribing again after a reconnect: the backlog waits for these.
+    Resubscribing,
     Live,
     Unsubscribing,
 }
@@ -64,23 +70,69 @@ enum Next {
 
 pub type Member = NonNull<Session>;
 
+fn now() -> ngx_msec_t {
+    // SAFETY: nginx's cached clock, read on its own thread.
+    unsafe { ngx_current_msec }
+}
+
+/// Bookkeeping for one of the link's two connections.
+struct Conn {
+    peer: PeerConn,
+    backoff: Backoff,
+    /// AUTH / SELECT replies expected before anything else.
+    setup_pending: usize,
+    /// The AUTH / SELECT chunk put ahead of a backlog, so that a connection
+    /// dropping before sending it does not leave it behind for the next one.
+    setup_chunk: Option<Rc<[u8]>>,
+    /// Replies owed for commands queued or sent (setup aside).
+    owed: usize,
+    /// Since when Redis has owed a reply for something already sent and
+    /// said nothing.
+    waiting_since: Option<ngx_msec_t>,
+}
+
+impl Conn {
+    fn new(peer: PeerConn) -> Self {
+        Conn {
+            peer,
+            backoff: Backoff::default(),
+            setup_pending: 0,
+            setup_chunk: None,
+            owed: 0,
+            waiting_since: None,
+        }
+    }
+
+    /// Replies owed for commands that have left (queued ones owe nothing yet).
+    fn in_flight(&self) -> usize {
+        (self.owed + self.setup_pending).saturating_sub(self.peer.queue.chunk_count())
+    }
+
+    /// Something arrived from Redis: the wait for replies starts over.
+    fn heard(&mut self) {
+        self.waiting_since = (self.in_flight() > 0).then(now);
+    }
+
+    fn queue_command(&mut self, cmd: Rc<[u8]>) -> Result<(), BacklogFull> {
+        self.peer.queue.push(cmd).map_err(|_| BacklogFull)?;
+        self.owed += 1;
+        self.peer.schedule_flush();
+        Ok(())
+    }
+}
+
 pub struct Link {
     endpoint: &'static Endpoint,
     log: *mut ngx_log_t,
     display: String,
+    timeout: ngx_msec_t,
     started: bool,
-    sub: PeerConn,
-    cmd: PeerConn,
-    sub_backoff: Backoff,
-    cmd_backoff: Backoff,
-    /// AUTH / SELECT replies still expected at the head of each connection.
-    sub_setup_pending: usize,
-    cmd_setup_pending: usize,
-    /// PUBLISHes queued or sent whose replies have not arrived.
-    cmd_unacked: usize,
-    /// The AUTH/SELECT chunk put ahead of the backlog, so a connection that
-    /// drops before sending it does not leave it behind for the next one.
-    cmd_setup: Option<Rc<[u8]>>,
+    sub: Conn,
+    cmd: Conn,
+    /// Members have been told Redis is unavailable and not yet that it is back.
+    outage: bool,
+    /// Rooms being subscribed again after a reconnect.
+    resubscribing: usize,
     rooms: Registry<Member>,
     channels: HashMap<Box<str>, Channel>,
 }
@@ -101,35 +153,39 @@ fn packed(args: &[&[u8]]) -> Rc<[u8]> {
 }
 
 impl Link {
-    pub fn new(endpoint: &'static Endpoint, log: *const ngx_log_t) -> Box<Link> {
+    pub fn new(endpoint: &'static Endpoint, main: &MainConf, log: *const ngx_log_t) -> Box<Link> {
         let display = endpoint.addr.to_string();
+        // The subscriber queue holds at most one command per room with local
+        // members, so only the command connection's backlog needs a bound.
+        let sub = PeerConn::new(&endpoint.sockaddr, &display, log, usize::MAX);
+        let cmd = PeerConn::new(&endpoint.sockaddr, &display, log, main.redis_backlog());
         Box::new(Link {
             endpoint,
             log: log.cast_mut(),
-            sub: PeerConn::new(&endpoint.sockaddr, &display, log, usize::MAX),
-            cmd: PeerConn::new(&endpoint.sockaddr, &display, log, BACKLOG_BYTES),
             display,
+            timeout: main.redis_timeout(),
             started: false,
-            sub_backoff: Backoff::default(),
-            cmd_backoff: Backoff::default(),
-            sub_setup_pending: 0,
-            cmd_setup_pending: 0,
-            cmd_unacked: 0,
-            cmd_setup: None,
+            sub: Conn::new(sub),
+            cmd: Conn::new(cmd),
+            outage: false,
+            resubscribing: 0,
             rooms: Registry::new(),
             channels: HashMap::new(),
         })
     }
 
-    fn conn(&mut self, role: Role) -> &mut PeerConn {
+    fn conn(&mut self, role: Role) -> &mut Conn {
         match role {
             Role::Sub => &mut self.sub,
             Role::Cmd => &mut self.cmd,
         }
     }
 
-    fn log(&self) -> *mut ngx_log_t {
-        self.log
+    fn name(role: Role) -> &'static str {
+        match role {
+            Role::Sub => "subscriber",
+            Role::Cmd => "command",
+        }
     }
 
     /// Connections open on first use, so workers that never see a chat
@@ -149,71 +205,77 @@ impl Link {
             Role::Sub => (on_read::<true>, on_write::<true>),
             Role::Cmd => (on_read::<false>, on_write::<false>),
         };
+        let timeout = self.timeout;
         // SAFETY: a Link is boxed by the worker and never moves; handlers
         // find it again through c->data.
-        let state = unsafe { self.conn(role).connect(data, Some(read), Some(write)) };
-        match state {
+        match unsafe { self.conn(role).peer.connect(data, Some(read), Some(write)) } {
             State::Up => self.on_up(role),
-            State::Connecting => {}
+            State::Connecting => self.conn(role).peer.arm_timer(timeout),
             State::Down => self.on_down(role, "connect failed"),
         }
     }
 
     fn on_up(&mut self, role: Role) {
-        let log = self.log();
         ngx_log_error!(
             NGX_LOG_INFO,
-            log,
-            "websocket_chat: connected to Redis {}",
+            self.log,
+            "websocket_chat: {} connection to Redis {} established",
+            Self::name(role),
             self.display
         );
         let setup = self.endpoint.addr.setup_commands();
         let setup_replies = self.endpoint.addr.setup_reply_count();
-        match role {
-            Role::Sub => {
-                self.sub_backoff.reset();
-                self.sub_setup_pending = setup_replies;
-                if !setup.is_empty() {
-                    self.sub.queue.push_front(Rc::from(setup));
-                }
-                self.channels.clear();
-                let rooms: Vec<Box<str>> = self.rooms.rooms().map(Box::from).collect();
-                for room in rooms {
-                    self.send_sub(&room, Channel::Subscribing);
-                }
+        let timeout = self.timeout;
+        let conn = self.conn(role);
+        conn.backoff.reset();
+        conn.setup_pending = setup_replies;
+        conn.waiting_since = None;
+        if !setup.is_empty() {
+            let chunk: Rc<[u8]> = Rc::from(setup);
+            conn.peer.queue.push_front(chunk.clone());
+            conn.setup_chunk = Some(chunk);
+        }
+        conn.peer.arm_timer(timeout);
+        if role == Role::Sub {
+            self.channels.clear();
+            let rooms: Vec<Box<str>> = self.rooms.rooms().map(Box::from).collect();
+            self.resubscribing = rooms.len();
+            for room in rooms {
+                self.send_sub(&room, Channel::Resubscribing);
             }
-            Role::Cmd => {
-                self.cmd_backoff.reset();
-                self.cmd_setup_pending = setup_replies;
-                if !setup.is_empty() {
-                    let chunk: Rc<[u8]> = Rc::from(setup);
-                    self.cmd.queue.push_front(chunk.clone());
-                    self.cmd_setup = Some(chunk);
-                }
+            if self.resubscribing == 0 {
+                self.on_resubscribed();
             }
+        } else {
+            self.check_recovered();
         }
         self.flush(role);
     }
 
     fn on_down(&mut self, role: Role, why: &str) {
-        let log = self.log();
-        let was_up = self.conn(role).state == State::Up;
-        self.conn(role).close();
+        let log = self.log;
+        let conn = self.conn(role);
+        let was_up = conn.peer.state == State::Up;
+        conn.peer.close();
+        if let Some(setup) = conn.setup_chunk.take() {
+            conn.peer.queue.remove_front_if(&setup);
+        }
+        conn.setup_pending = 0;
+        conn.waiting_since = None;
         match role {
             Role::Sub => {
-                self.sub.queue.clear();
+                conn.peer.queue.clear();
+                conn.owed = 0;
                 self.channels.clear();
+                self.resubscribing = 0;
             }
             Role::Cmd => {
-                if let Some(setup) = self.cmd_setup.take() {
-                    self.cmd.queue.remove_front_if(&setup);
-                }
                 // A command cut in half cannot be resumed on a new connection;
                 // commands sent whole but not answered may or may not have run.
-                let partial = self.cmd.queue.drop_partial_front();
-                let waiting = self.cmd.queue.chunk_count();
-                let in_doubt = self.cmd_unacked.saturating_sub(waiting) + usize::from(partial);
-                self.cmd_unacked = waiting;
+                let partial = conn.peer.queue.drop_partial_front();
+                let waiting = conn.peer.queue.chunk_count();
+                let in_doubt = conn.owed.saturating_sub(waiting) + usize::from(partial);
+                conn.owed = waiting;
                 if in_doubt > 0 {
                     ngx_log_error!(
                         NGX_LOG_WARN,
@@ -225,31 +287,84 @@ impl Link {
                 }
             }
         }
-        if was_up {
-            ngx_log_error!(
-                NGX_LOG_ERR,
-                log,
-                "websocket_chat: connection to Redis {} lost: {}",
-                self.display,
-                why
-            );
-        }
-        let random = worker::random();
-        let delay = match role {
-            Role::Sub => self.sub_backoff.next_delay_ms(random),
-            Role::Cmd => self.cmd_backoff.next_delay_ms(random),
-        };
+        let level = if was_up { NGX_LOG_ERR } else { NGX_LOG_WARN };
+        let delay = self.conn(role).backoff.next_delay_ms(worker::random());
+        ngx_log_error!(
+            level,
+            log,
+            "websocket_chat: {} connection to Redis {} {}: {}; retrying in {} ms",
+            Self::name(role),
+            self.display,
+            if was_up { "lost" } else { "failed" },
+            why,
+            delay
+        );
         let data = (self as *mut Link).cast::<c_void>();
         let handler: unsafe extern "C" fn(*mut ngx_event_t) = match role {
             Role::Sub => on_retry::<true>,
             Role::Cmd => on_retry::<false>,
         };
-        self.conn(role).arm_retry(data, Some(handler), delay);
+        self.conn(role).peer.arm_retry(data, Some(handler), delay);
+        self.set_outage();
+    }
+
+    /// PUBLISHes wait while the subscriber is not following every room, so
+    /// that local members receive what their own room sends.
+    fn may_publish(&self) -> bool {
+        self.sub.peer.state == State::Up && self.sub.setup_pending == 0 && self.resubscribing == 0
     }
 
     fn flush(&mut self, role: Role) {
-        if self.conn(role).flush().is_err() {
+        if role == Role::Cmd && !self.may_publish() {
+            return;
+        }
+        let conn = self.conn(role);
+        let before = conn.peer.queue.chunk_count();
+        if conn.peer.flush().is_err() {
             self.on_down(role, "send failed");
+            return;
+        }
+        if conn.peer.queue.chunk_count() < before && conn.waiting_since.is_none() {
+            conn.waiting_since = Some(now());
+        }
+    }
+
+    fn on_resubscribed(&mut self) {
+        self.cmd.peer.schedule_flush();
+        self.check_recovered();
+    }
+
+    fn set_outage(&mut self) {
+        if !self.outage {
+            self.outage = true;
+            self.notify_all(
+                Status::Error,
+                "redis_unavailable",
+                "chat delivery is interrupted; messages you send are kept and delivered when it is back",
+            );
+        }
+    }
+
+    fn check_recovered(&mut self) {
+        if self.outage && self.cmd.peer.state == State::Up && self.may_publish() {
+            self.outage = false;
+            ngx_log_error!(
+                NGX_LOG_INFO,
+                self.log,
+                "websocket_chat: Redis {} is available again",
+                self.display
+            );
+            self.notify_all(Status::Notice, "redis_available", "chat delivery resumed");
+        }
+    }
+
+    fn notify_all(&mut self, kind: Status, code: &str, message: &str) {
+        for room in self.rooms.rooms() {
+            for &m in self.rooms.members(room) {
+                // SAFETY: members are live sessions: each removes itself from
+                // the registry before it is freed.
+                unsafe { (*m.as_ptr()).notify(kind, code, message) };
+            }
         }
     }
 
@@ -259,11 +374,9 @@ impl Link {
             _ => b"SUBSCRIBE",
         };
         let channel = channel_of(room);
-        // The subscriber queue is unbounded: it only ever holds one command
-        // per room with local members.
-        let _ = self.sub.queue.push(packed(&[verb, channel.as_bytes()]));
+        // The subscriber queue is unbounded (see `new`).
+        let _ = self.sub.queue_command(packed(&[verb, channel.as_bytes()]));
         self.channels.insert(room.into(), next);
-        self.sub.schedule_flush();
     }
 
     /// Adds a session to its room. The session is welcomed once the room's
@@ -271,7 +384,17 @@ impl Link {
     pub fn join(&mut self, member: Member, room: &str) {
         self.ensure_started();
         self.rooms.join(room, member);
-        if self.sub.state != State::Up {
+        if self.outage {
+            // SAFETY: the caller passes a live session.
+            unsafe {
+                (*member.as_ptr()).notify(
+                    Status::Error,
+                    "redis_unavailable",
+                    "chat delivery is interrupted; you will join when it is back",
+                )
+            };
+        }
+        if self.sub.peer.state != State::Up {
             // on_up subscribes every room with members.
             return;
         }
@@ -279,36 +402,38 @@ impl Link {
             None => self.send_sub(room, Channel::Subscribing),
             Some(Channel::Live) => self.welcome(room, &[member]),
             // The reply to the command in flight decides (on_sub_reply).
-            Some(Channel::Subscribing | Channel::Unsubscribing) => {}
+            Some(_) => {}
         }
     }
 
-    pub fn leave(&mut self, member: Member, room: &str) {
-        if !self.rooms.leave(room, member) {
-            return;
+    /// Removes a session from its room; false if it was not in it.
+    pub fn leave(&mut self, member: Member, room: &str) -> bool {
+        if !self.rooms.members(room).contains(&member) {
+            return false;
         }
-        if self.sub.state == State::Up && self.channels.get(room) == Some(&Channel::Live) {
+        let emptied = self.rooms.leave(room, member);
+        if emptied
+            && self.sub.peer.state == State::Up
+            && self.channels.get(room) == Some(&Channel::Live)
+        {
             self.send_sub(room, Channel::Unsubscribing);
         }
+        true
     }
 
     /// Queues a PUBLISH of an event (already encoded as JSON) to a room.
     pub fn publish(&mut self, room: &str, event: &str) -> Result<(), BacklogFull> {
         self.ensure_started();
         let channel = channel_of(room);
-        let cmd = packed(&[b"PUBLISH", channel.as_bytes(), event.as_bytes()]);
-        self.cmd.queue.push(cmd).map_err(|_| BacklogFull)?;
-        self.cmd_unacked += 1;
-        self.cmd.schedule_flush();
-        Ok(())
+        self.cmd
+            .queue_command(packed(&[b"PUBLISH", channel.as_bytes(), event.as_bytes()]))
     }
 
     /// Sends `welcome` to members whose room just went live, and tells the
     /// room they joined.
     fn welcome(&mut self, room: &str, members: &[Member]) {
         for &m in members {
-            // SAFETY: members are live sessions: each removes itself from the
-            // registry before it is freed.
+            // SAFETY: members are live sessions (see notify_all).
             let session = unsafe { &mut *m.as_ptr() };
             let Some(early) = session.welcome() else {
                 continue;
@@ -332,27 +457,38 @@ impl Link {
     }
 
     fn on_sub_reply(&mut self, value: Value) -> Next {
-        let log = self.log();
-        if self.sub_setup_pending > 0 {
-            self.sub_setup_pending -= 1;
-            return self.check_setup(value);
+        if self.sub.setup_pending > 0 {
+            self.sub.setup_pending -= 1;
+            return self.check_setup(Role::Sub, value);
         }
-        let Value::Array(items) = value else {
-            if let Value::ServerError(err) = value {
+        let items = match value {
+            Value::Array(items) => items,
+            // PING outside subscribed mode.
+            Value::SimpleString(_) => {
+                self.sub.owed = self.sub.owed.saturating_sub(1);
+                return Next::Continue;
+            }
+            Value::ServerError(err) => {
                 ngx_log_error!(
                     NGX_LOG_ERR,
-                    log,
+                    self.log,
                     "websocket_chat: Redis {}: {:?}",
                     self.display,
                     err
                 );
+                return Next::Reset;
             }
-            return Next::Continue;
+            _ => return Next::Continue,
         };
         let mut items = items.into_iter();
-        let (Some(Value::BulkString(kind)), Some(Value::BulkString(channel))) =
-            (items.next(), items.next())
-        else {
+        let Some(Value::BulkString(kind)) = items.next() else {
+            return Next::Continue;
+        };
+        if kind != b"message" {
+            // subscribe, unsubscribe and pong answer a command of ours.
+            self.sub.owed = self.sub.owed.saturating_sub(1);
+        }
+        let Some(Value::BulkString(channel)) = items.next() else {
             return Next::Continue;
         };
         let Some(room) = std::str::from_utf8(&channel)
@@ -367,15 +503,7 @@ impl Link {
                     self.deliver(room, &payload);
                 }
             }
-            b"subscribe" => {
-                let members = self.rooms.members(room).to_vec();
-                if members.is_empty() {
-                    self.send_sub(room, Channel::Unsubscribing);
-                } else {
-                    self.channels.insert(room.into(), Channel::Live);
-                    self.welcome(room, &members);
-                }
-            }
+            b"subscribe" => self.on_subscribed(room),
             b"unsubscribe" => {
                 if self.rooms.members(room).is_empty() {
                     self.channels.remove(room);
@@ -388,17 +516,32 @@ impl Link {
         Next::Continue
     }
 
-    fn on_cmd_reply(&mut self, value: Value) -> Next {
-        if self.cmd_setup_pending > 0 {
-            self.cmd_setup_pending -= 1;
-            return self.check_setup(value);
+    fn on_subscribed(&mut self, room: &str) {
+        if self.channels.get(room) == Some(&Channel::Resubscribing) {
+            self.resubscribing = self.resubscribing.saturating_sub(1);
+            if self.resubscribing == 0 {
+                self.on_resubscribed();
+            }
         }
-        self.cmd_unacked = self.cmd_unacked.saturating_sub(1);
+        let members = self.rooms.members(room).to_vec();
+        if members.is_empty() {
+            self.send_sub(room, Channel::Unsubscribing);
+        } else {
+            self.channels.insert(room.into(), Channel::Live);
+            self.welcome(room, &members);
+        }
+    }
+
+    fn on_cmd_reply(&mut self, value: Value) -> Next {
+        if self.cmd.setup_pending > 0 {
+            self.cmd.setup_pending -= 1;
+            return self.check_setup(Role::Cmd, value);
+        }
+        self.cmd.owed = self.cmd.owed.saturating_sub(1);
         if let Value::ServerError(err) = value {
-            let log = self.log();
             ngx_log_error!(
                 NGX_LOG_ERR,
-                log,
+                self.log,
                 "websocket_chat: PUBLISH to Redis {} failed: {:?}",
                 self.display,
                 err
@@ -407,20 +550,25 @@ impl Link {
         Next::Continue
     }
 
-    fn check_setup(&mut self, value: Value) -> Next {
+    fn check_setup(&mut self, role: Role, value: Value) -> Next {
         match value {
             Value::ServerError(err) => {
-                let log = self.log();
                 ngx_log_error!(
                     NGX_LOG_ERR,
-                    log,
-                    "websocket_chat: Redis {} refused AUTH/SELECT: {:?}",
+                    self.log,
+                    "websocket_chat: Redis {} refused the {} connection's AUTH/SELECT: {:?}",
                     self.display,
+                    Self::name(role),
                     err
                 );
                 Next::Reset
             }
-            _ => Next::Continue,
+            _ => {
+                if role == Role::Sub && self.sub.setup_pending == 0 && self.resubscribing == 0 {
+                    self.on_resubscribed();
+                }
+                Next::Continue
+            }
         }
     }
 
@@ -428,10 +576,9 @@ impl Link {
     /// frame, encoded once, shared by all.
     fn deliver(&mut self, room: &str, payload: &[u8]) {
         if std::str::from_utf8(payload).is_err() {
-            let log = self.log();
             ngx_log_error!(
                 NGX_LOG_WARN,
-                log,
+                self.log,
                 "websocket_chat: ignored a non-UTF-8 event on channel {}{}",
                 CHANNEL_PREFIX,
                 room
@@ -440,17 +587,17 @@ impl Link {
         }
         let frame = frame::text_frame(payload);
         for &m in self.rooms.members(room) {
-            // SAFETY: as in `welcome`.
+            // SAFETY: as in `notify_all`.
             unsafe { (*m.as_ptr()).deliver(&frame) };
         }
     }
 
     fn on_readable(&mut self, role: Role) {
-        let outcome = self.conn(role).read(REPLY_LIMITS.max_bulk + 64 * 1024);
+        let outcome = self.conn(role).peer.read(REPLY_LIMITS.max_bulk + 64 * 1024);
         let mut consumed = 0;
         let mut failure = None;
         loop {
-            let buf = &self.conn(role).inbuf[consumed..];
+            let buf = &self.conn(role).peer.inbuf[consumed..];
             let n = match resp::frame_len(buf, &REPLY_LIMITS) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
@@ -472,7 +619,7 @@ impl Link {
                 Role::Cmd => self.on_cmd_reply(value),
             };
             if let Next::Reset = next {
-                failure = Some("setup rejected".to_owned());
+                failure = Some("command refused".to_owned());
                 break;
             }
         }
@@ -480,23 +627,51 @@ impl Link {
             self.on_down(role, &why);
             return;
         }
-        self.conn(role).inbuf.drain(..consumed);
+        let conn = self.conn(role);
+        conn.peer.inbuf.drain(..consumed);
+        if consumed > 0 {
+            conn.heard();
+        }
         if matches!(outcome, ReadOutcome::Closed) {
-            self.on_down(role, "closed by Redis");
+            self.on_down(role, "connection closed");
         }
     }
 
     fn on_writable(&mut self, role: Role) {
-        if self.conn(role).state == State::Connecting {
-            if let Some(err) = self.conn(role).connect_error() {
+        let conn = self.conn(role);
+        if conn.peer.state == State::Connecting {
+            if let Some(err) = conn.peer.connect_error() {
                 self.on_down(role, &err.to_string());
                 return;
             }
-            self.conn(role).state = State::Up;
+            conn.peer.state = State::Up;
             self.on_up(role);
             return;
         }
         self.flush(role);
+    }
+
+    /// Connect timeout, reply timeout, and the subscriber's keepalive PING
+    /// (a quiet subscriber connection is otherwise indistinguishable from a
+    /// dead one).
+    fn on_timer(&mut self, role: Role) {
+        let timeout = self.timeout;
+        let conn = self.conn(role);
+        match conn.peer.state {
+            State::Connecting => return self.on_down(role, "connect timed out"),
+            State::Down => return,
+            State::Up => {}
+        }
+        if let Some(since) = conn.waiting_since {
+            if conn.in_flight() > 0 && now().wrapping_sub(since) >= timeout {
+                let why = format!("no reply within {timeout} ms");
+                return self.on_down(role, &why);
+            }
+        }
+        if role == Role::Sub && conn.in_flight() == 0 && conn.peer.queue.chunk_count() == 0 {
+            let _ = conn.queue_command(packed(&[b"PING"]));
+        }
+        conn.peer.arm_timer(timeout);
     }
 }
 
@@ -524,10 +699,17 @@ unsafe extern "C" fn on_read<const SUB: bool>(ev: *mut ngx_event_t) {
     // SAFETY: nginx calls this for the read event set up in connect().
     let link = unsafe { link_of(ev) };
     let role = role(SUB);
-    if link.conn(role).state == State::Connecting {
+    // SAFETY: ev is live for the duration of the handler.
+    if unsafe { (*ev).timedout() } != 0 {
+        // SAFETY: as above.
+        unsafe { (*ev).set_timedout(0) };
+        link.on_timer(role);
+        return;
+    }
+    if link.conn(role).peer.state == State::Connecting {
         link.on_writable(role);
     }
-    if link.conn(role).state == State::Up {
+    if link.conn(role).peer.state == State::Up {
         link.on_readable(role);
     }
 }

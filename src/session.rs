@@ -11,6 +11,7 @@ use ngx::ffi::{
     ngx_http_close_request, ngx_http_output_filter, ngx_http_request_t, ngx_msec_t,
     ngx_pool_cleanup_add, NGX_AGAIN, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
 };
+use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -21,6 +22,7 @@ use crate::conf::LocConf;
 use crate::redis_link::Link;
 use crate::send_queue::Flushed;
 use crate::{module, time, worker};
+use wschat_core::envelope::Status;
 use wschat_core::rate::Bucket;
 use wschat_core::{envelope, frame};
 
@@ -29,8 +31,6 @@ use wschat_core::{envelope, frame};
 const READ_BUFFER: usize = 4 * 1024;
 /// Messages a client may send before its room's subscription is live.
 const EARLY_LIMIT: usize = 32;
-/// How long a closing connection may take to drain its last frames.
-const LINGER_MS: usize = 5_000;
 /// Rate-limited messages in a row after which a client counts as flooding.
 const FLOOD_REJECTIONS: u8 = 10;
 
@@ -173,7 +173,12 @@ impl Session {
     }
 
     fn notify_error(&mut self, code: &str, message: &str) {
-        let event = envelope::error(&self.room, code, message, time::now_ms());
+        self.notify(Status::Error, code, message);
+    }
+
+    /// Sends this client alone an `error` or `notice` event.
+    pub fn notify(&mut self, kind: Status, code: &str, message: &str) {
+        let event = envelope::status(kind, &self.room, code, message, time::now_ms());
         self.send(frame::text_frame(event.as_bytes()));
     }
 
@@ -317,6 +322,27 @@ impl Session {
         }
         queue.push_unbounded(frame::close_frame(code, reason));
         self.closing = true;
+        // A closing session takes no further part in its room.
+        self.leave_room();
+    }
+
+    /// Takes the session out of its room and tells the room, once.
+    fn leave_room(&mut self) {
+        // SAFETY: links live as long as the worker.
+        let link = unsafe { &mut *self.link.as_ptr() };
+        if !link.leave(NonNull::from(&mut *self), &self.room) || self.early.is_some() {
+            return;
+        }
+        let id = worker::next_id();
+        let event = envelope::presence(
+            envelope::Presence::Leave,
+            &self.room,
+            &self.user,
+            time::now_ms(),
+            &id,
+        );
+        // Nobody is left to tell if this fails; the link has logged why.
+        let _ = link.publish(&self.room, &event);
     }
 
     fn log(&self) -> *mut ngx::ffi::ngx_log_t {
@@ -327,21 +353,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // SAFETY: links live as long as the worker.
-        let link = unsafe { &mut *self.link.as_ptr() };
-        link.leave(NonNull::from(&mut *self), &self.room);
-        if self.early.is_none() {
-            let id = worker::next_id();
-            let event = envelope::presence(
-                envelope::Presence::Leave,
-                &self.room,
-                &self.user,
-                time::now_ms(),
-                &id,
-            );
-            // Nobody is left to tell if this fails; the link has logged why.
-            let _ = link.publish(&self.room, &event);
-        }
+        self.leave_room();
     }
 }
 
@@ -368,7 +380,13 @@ unsafe extern "C" fn on_read(ev: *mut ngx_event_t) {
     let s = unsafe { session_of(ev) };
     // SAFETY: the session is live until `finish`.
     unsafe {
-        if (*(*s).c).close() != 0 {
+        let c = (*s).c;
+        if (*c).close() != 0 && (*c).error() != 0 {
+            // worker_shutdown_timeout has passed: no more waiting.
+            finish(s);
+            return;
+        }
+        if (*c).close() != 0 {
             (*s).begin_close(close::GOING_AWAY, "server shutting down");
             flush(s);
             return;
@@ -522,7 +540,11 @@ unsafe fn arm_write(s: *mut Session) {
             return;
         }
         if (*s).closing {
-            ngx::ffi::ngx_add_timer((*c).write, LINGER_MS as _);
+            // A closing client gets nginx's `send_timeout` to take its last
+            // frames, the close frame among them.
+            let linger =
+                NgxHttpCoreModule::location_conf(&*(*s).r).map_or(60_000, |clcf| clcf.send_timeout);
+            ngx::ffi::ngx_add_timer((*c).write, linger);
         }
     }
 }

@@ -55,7 +55,7 @@ pub fn link(main: &'static MainConf, index: usize) -> Option<NonNull<Link>> {
         let link = w.links[index].get_or_insert_with(|| {
             // SAFETY: ngx_cycle is the worker's cycle; its log lives as long.
             let log = unsafe { (*ngx::ffi::ngx_cycle).log };
-            Link::new(endpoint, log)
+            Link::new(endpoint, main, log)
         });
         NonNull::from(&mut **link)
     })

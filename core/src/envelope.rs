@@ -49,9 +49,24 @@ pub fn presence(kind: Presence, room: &str, user: &str, ts_ms: u64, id: &str) ->
     out
 }
 
+/// Which kind of out-of-band event to build: `error` when something the
+/// client did or expects failed, `notice` when service is back to normal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Error,
+    Notice,
+}
+
 pub fn error(room: &str, code: &str, message: &str, ts_ms: u64) -> String {
+    status(Status::Error, room, code, message, ts_ms)
+}
+
+pub fn status(kind: Status, room: &str, code: &str, message: &str, ts_ms: u64) -> String {
     let mut out = String::with_capacity(56 + room.len() + code.len() + message.len() + SLACK);
-    out.push_str(r#"{"type":"error","room":"#);
+    out.push_str(match kind {
+        Status::Error => r#"{"type":"error","room":"#,
+        Status::Notice => r#"{"type":"notice","room":"#,
+    });
     push_string(&mut out, room);
     out.push_str(r#","code":"#);
     push_string(&mut out, code);
@@ -260,6 +275,14 @@ mod tests {
         assert_eq!(
             error("lobby", "backlog_full", "too \"slow\"", 9),
             r#"{"type":"error","room":"lobby","code":"backlog_full","message":"too \"slow\"","ts":9}"#
+        );
+    }
+
+    #[test]
+    fn notice_shape() {
+        assert_eq!(
+            status(Status::Notice, "r", "redis_available", "back", 1),
+            r#"{"type":"notice","room":"r","code":"redis_available","message":"back","ts":1}"#
         );
     }
 
