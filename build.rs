@@ -12,7 +12,9 @@ fn main() {
     // An HTTP module cannot load into an nginx configured without HTTP.
     let features = env::var("DEP_NGINX_FEATURES").unwrap_or_default();
     if !features.split(',').any(|f| f.trim() == "http") {
-        panic!("the nginx tree being built against has no HTTP module (configured --without-http?)");
+        panic!(
+            "the nginx tree being built against has no HTTP module (configured --without-http?)"
+        );
     }
 
     if let (Ok(objs), Some(profile_dir)) = (env::var("DEP_NGINX_BUILD_DIR"), profile_dir()) {
