@@ -1,25 +1,43 @@
 //! The byte stream tungstenite sees for one client: reads come straight from
-//! the nginx connection (NGX_AGAIN becomes `WouldBlock`), writes go into the
-//! session's send queue, which the session flushes on write events.
+//! the nginx connection (NGX_AGAIN becomes `WouldBlock`) through a frame
+//! guard that refuses bad headers before their payload, and writes go into
+//! the session's send queue, which the session flushes on write events.
 
 use std::io::{self, Read, Write};
 use std::rc::Rc;
 
 use ngx::ffi::{ngx_connection_t, NGX_AGAIN, NGX_ERROR};
 
+use wschat_core::frame_guard::{FrameGuard, Violation};
+
 use crate::send_queue::SendQueue;
 
 pub struct ClientIo {
     c: *mut ngx_connection_t,
     pub queue: SendQueue,
+    guard: FrameGuard,
+    /// A bad header seen past the bytes already handed on; reported by the
+    /// next read, once tungstenite has had the good frames before it.
+    violation: Option<Violation>,
 }
 
 impl ClientIo {
-    pub fn new(c: *mut ngx_connection_t, send_limit: usize) -> Self {
+    pub fn new(c: *mut ngx_connection_t, send_limit: usize, max_message: usize) -> Self {
         ClientIo {
             c,
             queue: SendQueue::new(send_limit),
+            guard: FrameGuard::new(max_message as u64),
+            violation: None,
         }
+    }
+
+    /// Passes bytes the client sent with its handshake through the guard;
+    /// returns those tungstenite may parse.
+    pub fn admit_preread(&mut self, mut preread: Vec<u8>) -> Vec<u8> {
+        let (ok, violation) = self.guard.scan(&preread);
+        preread.truncate(ok);
+        self.violation = violation;
+        preread
     }
 }
 
@@ -38,6 +56,9 @@ impl std::error::Error for SlowConsumer {}
 
 impl Read for ClientIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(v) = self.violation {
+            return Err(io::Error::other(v));
+        }
         // SAFETY: the session owning this adapter lives no longer than the
         // connection, and nginx is single-threaded.
         let c = unsafe { &mut *self.c };
@@ -45,7 +66,14 @@ impl Read for ClientIo {
         // SAFETY: buf is valid for buf.len() bytes of writes.
         let n = unsafe { recv(c, buf.as_mut_ptr(), buf.len()) };
         match n {
-            n if n >= 0 => Ok(n as usize),
+            n if n >= 0 => {
+                let (ok, violation) = self.guard.scan(&buf[..n as usize]);
+                self.violation = violation;
+                match violation {
+                    Some(v) if ok == 0 => Err(io::Error::other(v)),
+                    _ => Ok(ok),
+                }
+            }
             n if n == NGX_AGAIN as isize => Err(io::ErrorKind::WouldBlock.into()),
             n if n == NGX_ERROR as isize => Err(io::ErrorKind::ConnectionReset.into()),
             _ => Err(io::ErrorKind::Other.into()),

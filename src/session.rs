@@ -8,8 +8,8 @@ use std::rc::Rc;
 
 use ngx::ffi::{
     ngx_connection_t, ngx_current_msec, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event,
-    ngx_http_close_request, ngx_http_output_filter, ngx_http_request_t, ngx_msec_t,
-    ngx_pool_cleanup_add, NGX_AGAIN, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
+    ngx_http_close_connection, ngx_http_free_request, ngx_http_output_filter, ngx_http_request_t,
+    ngx_msec_t, ngx_pool_cleanup_add, NGX_AGAIN, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
@@ -23,6 +23,7 @@ use crate::redis_link::Link;
 use crate::send_queue::Flushed;
 use crate::{module, time, worker};
 use wschat_core::envelope::Status;
+use wschat_core::frame_guard::Violation;
 use wschat_core::rate::Bucket;
 use wschat_core::{envelope, frame};
 
@@ -92,12 +93,9 @@ impl Session {
             .write_buffer_size(0)
             .max_message_size(Some(conf.max_message()))
             .max_frame_size(Some(conf.max_message()));
-        let ws = WebSocket::from_partially_read(
-            ClientIo::new(c, conf.send_buffer()),
-            preread,
-            Role::Server,
-            Some(config),
-        );
+        let mut io = ClientIo::new(c, conf.send_buffer(), conf.max_message());
+        let preread = io.admit_preread(preread);
+        let ws = WebSocket::from_partially_read(io, preread, Role::Server, Some(config));
         let session = Box::into_raw(Box::new(Session {
             r,
             c,
@@ -273,10 +271,13 @@ impl Session {
                     return After::Flush;
                 }
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
-                Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Pongs owed to the client go out with the next flush.
-                    let _ = self.ws.flush();
-                    return After::Flush;
+                Err(WsError::Io(e)) => {
+                    if e.kind() == std::io::ErrorKind::WouldBlock {
+                        // Pongs owed to the client go out with the next flush.
+                        let _ = self.ws.flush();
+                        return After::Flush;
+                    }
+                    return after_io_error(&e);
                 }
                 Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
                     return After::Close(close::TOO_BIG, "message too big")
@@ -288,12 +289,6 @@ impl Session {
                 }
                 Err(WsError::Protocol(_)) => {
                     return After::Close(close::PROTOCOL, "protocol error")
-                }
-                Err(WsError::Io(e))
-                    if e.get_ref()
-                        .is_some_and(|e| e.is::<client_io::SlowConsumer>()) =>
-                {
-                    return After::Close(close::POLICY, "slow consumer")
                 }
                 Err(_) => return After::Finish,
             }
@@ -416,6 +411,19 @@ unsafe extern "C" fn on_write(ev: *mut ngx_event_t) {
         }
         flush(s);
     }
+}
+
+/// Our own I/O errors carry a close code; any other means the connection is
+/// gone.
+fn after_io_error(e: &std::io::Error) -> After {
+    let inner = e.get_ref();
+    if let Some(v) = inner.and_then(|e| e.downcast_ref::<Violation>()) {
+        return After::Close(v.close_code(), v.reason());
+    }
+    if inner.is_some_and(|e| e.is::<client_io::SlowConsumer>()) {
+        return After::Close(close::POLICY, "slow consumer");
+    }
+    After::Finish
 }
 
 /// # Safety
@@ -555,9 +563,18 @@ unsafe fn arm_write(s: *mut Session) {
 /// # Safety
 /// `s` must be a live session; it is freed on return.
 unsafe fn finish(s: *mut Session) {
-    // SAFETY: live until ngx_http_close_request, which is the last use.
+    // SAFETY: the session is live until the request is freed, which is the
+    // last thing done here. This is ngx_http_close_request for an HTTP/1.x
+    // request, spelled out because older nginx (1.22) does not export it.
     unsafe {
-        let r = (*s).r;
-        ngx_http_close_request(r, 0);
+        let r = (*(*s).r).main;
+        let c = (*r).connection;
+        let count = (*r).count();
+        (*r).set_count(count.saturating_sub(1));
+        if count > 1 || (*r).blocked() != 0 {
+            return;
+        }
+        ngx_http_free_request(r, 0);
+        ngx_http_close_connection(c);
     }
 }

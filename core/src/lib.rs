@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod envelope;
 pub mod frame;
+pub mod frame_guard;
 pub mod handshake;
 pub mod names;
 pub mod rate;
