@@ -186,4 +186,62 @@ sub server_frame {    # unmasked frame as a server sends it
 
 is(WSClient::accept_for('dGhlIHNhbXBsZSBub25jZQ=='), 's3pPLMBiTxaQ9kYGzzhZRbK+xOo=', 'accept key of RFC example');
 
+# frame_bytes: the same bytes send_frame writes; declared length without payload
+{
+    my %o = (opcode => 1, payload => 'Hello', mask_key => "\x37\xfa\x21\x3d");
+    is(unpack('H*', WSClient::frame_bytes(%o)), '818537fa213d7f9f4d5158', 'frame_bytes as a function');
+    my ($c, $s) = pair_client();
+    is(unpack('H*', $c->frame_bytes(%o)), '818537fa213d7f9f4d5158', 'frame_bytes as a method');
+    $c->send_frame(%o);
+    is(unpack('H*', read_n($s, 11)), '818537fa213d7f9f4d5158', 'send_frame writes frame_bytes');
+    my $h = WSClient::frame_bytes(opcode => 9, declared_len => 10 * 1024 * 1024, mask_key => 'abcd');
+    is(unpack('H*', $h), '89ff0000000000a0000061626364', '10 MB declared, header only');
+    is(unpack('H*', WSClient::frame_bytes(opcode => 1, payload => 'x', rsv => 2, mask => 0, fin => 0)),
+       '210178', 'rsv bits, no mask, no fin');
+}
+
+# handshake_request
+{
+    my ($req, $key) = WSClient::handshake_request(port => 7, path => '/ws?a=b',
+        headers => { Origin => 'https://a.example', 'Sec-WebSocket-Version' => undef });
+    like($req, qr{^GET /ws\?a=b HTTP/1\.1\r\n}, 'handshake_request: request line');
+    like($req, qr{\r\nOrigin: https://a\.example\r\n}, 'handshake_request: extra header');
+    unlike($req, qr{Sec-WebSocket-Version}i, 'handshake_request: undef drops a header');
+    like($req, qr{\r\nSec-WebSocket-Key: \Q$key\E\r\n}, 'handshake_request: returns its key');
+    like($req, qr{\r\n\r\n\z}, 'handshake_request: ends with an empty line');
+}
+
+# recv_close records the events before the close frame; pending_frames
+{
+    my ($c, $s) = pair_client();
+    syswrite($s, server_frame(1, '{"type":"message","text":"a"}') . server_frame(8, pack('n', 1008) . 'slow'));
+    my $f = $c->recv_close(2);
+    is($f && $f->{close_code}, 1008, 'recv_close returns the close frame');
+    is($f && $f->{close_reason}, 'slow', 'recv_close: reason');
+    is(join(',', map { $_->{text} } $c->events), 'a', 'recv_close recorded the message before it');
+
+    ($c, $s) = pair_client();
+    is(scalar($c->pending_frames(0)), 0, 'pending_frames: nothing yet, no wait');
+    syswrite($s, server_frame(9, 'p') . server_frame(1, 'x', 0) . substr(server_frame(0, 'yz'), 0, 2));
+    my @f = $c->pending_frames(1);
+    is(join(',', map { "$_->{opcode}:$_->{payload}" } @f), '9:p,1:x', 'pending_frames: complete frames only');
+    syswrite($s, 'yz');
+    @f = $c->pending_frames(1);
+    is(join(',', map { "$_->{opcode}:$_->{payload}" } @f), '0:yz', 'pending_frames: rest of a split frame');
+    close $s;
+    @f = $c->pending_frames(1);
+    ok(!@f && $c->eof, 'pending_frames: EOF sets eof');
+}
+
+# rcvbuf: SO_RCVBUF is set before connect
+{
+    my $l = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 1, Proto => 'tcp')
+        or die "listen: $!";
+    my $s = WSClient::_socket($l->sockport, 5, undef, 4096);
+    my $rb = unpack 'i', getsockopt($s, Socket::SOL_SOCKET(), Socket::SO_RCVBUF());
+    ok($rb >= 4096 && $rb <= 16384, "rcvbuf 4096 -> effective SO_RCVBUF $rb");
+    ok($s->connected, 'socket with rcvbuf is connected');
+    close $s;
+}
+
 done_testing;

@@ -42,6 +42,9 @@ package ChatTest;
 #   workers => N (also wait until N workers run), no_module => 1.
 #   Objects: port, pid, worker_pids, child_pids, reload, stop,
 #   error_log_text, access_log_text, prefix, conf_path.
+#   start_nginx_ok($name, $template, ...) is start_nginx as a test: a
+#   failure to start is a failed test (with nginx's output) that ends the file.
+# * proc_rss_kb($pid): VmRSS of a process in kB.
 # * start_redis(port => P, requirepass => PW, args => [...]) objects: port,
 #   cmd(@args) (dies on error replies; cmd_raw returns them as objects),
 #   client_list (CLIENT LIST parsed, own connection excluded), numsub($room)
@@ -73,7 +76,7 @@ require Exporter;
 our @ISA = ('Exporter');
 our @EXPORT = qw(free_port start_redis start_nginx test_config done_all
                  wait_until nginx_binary module_path repo_root chat_config
-                 now_ms);
+                 now_ms start_nginx_ok proc_rss_kb);
 
 my $REPO;
 BEGIN {
@@ -149,14 +152,24 @@ sub wait_until {
 
 sub now_ms { int(time * 1000) }
 
+# Resident set size of a process in kB (VmRSS in /proc/<pid>/status), or
+# undef when it cannot be read.
+sub proc_rss_kb {
+    my $pid = shift;
+    my $st = _slurp("/proc/$pid/status");
+    return $st =~ /^VmRSS:\s+(\d+)\s+kB/m ? $1 : undef;
+}
+
 # The usual chat configuration template: one server on %%PORT%% with
 # location = /ws, room from $arg_room, user from $arg_nick, Redis on
 # 127.0.0.1:%%REDIS_PORT%%. Options: workers (1), events (extra text in
 # events {}), http / server / location (extra directives), redis (the
-# websocket_chat_redis argument, or '' to leave the directive out).
+# websocket_chat_redis argument, or '' to leave the directive out),
+# worker_connections (1024).
 sub chat_config {
     my (%o) = @_;
     my $workers = $o{workers} // 1;
+    my $wc = $o{worker_connections} // 1024;
     my $redis = $o{redis} // '127.0.0.1:%%REDIS_PORT%%';
     my $rd = length $redis ? "    websocket_chat_redis $redis;\n" : '';
     my $events = $o{events} // '';
@@ -165,7 +178,7 @@ sub chat_config {
     my $location = $o{location} // '';
     return <<"EOT";
 worker_processes $workers;
-events { worker_connections 1024; $events }
+events { worker_connections $wc; $events }
 http {
     access_log %%PREFIX%%/logs/access.log;
 $rd$http
@@ -628,6 +641,20 @@ sub start_nginx {
     my $want = $opts->{workers};
     wait_until(sub { my @w = $self->worker_pids; $want ? @w >= $want : @w >= 1 }, 10);
     return $self;
+}
+
+# start_nginx as a test: on success records a passing test named $name and
+# returns the object; when nginx does not start (e.g. a directive the module
+# does not know yet) records a failure with nginx's output, stops what runs
+# and ends the test file (done_all, exit).
+sub start_nginx_ok {
+    my ($name, @args) = @_;
+    my $n = eval { start_nginx(@args) };
+    my $err = $@;
+    Test::More::ok($n, $name) and return $n;
+    Test::More::diag($err);
+    done_all();
+    exit;
 }
 
 package ChatTest::Nginx;

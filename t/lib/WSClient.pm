@@ -16,7 +16,7 @@ use warnings;
 
 use IO::Socket::INET ();
 use IO::Select ();
-use Socket qw(SOL_SOCKET SO_LINGER);
+use Socket qw(SOL_SOCKET SO_LINGER SO_RCVBUF inet_aton pack_sockaddr_in);
 use Digest::SHA qw(sha1);
 use MIME::Base64 qw(encode_base64 decode_base64);
 use JSON::PP ();
@@ -45,10 +45,23 @@ sub _random_bytes {
 }
 
 sub _socket {
-    my ($port, $timeout, $host) = @_;
-    my $s = IO::Socket::INET->new(PeerAddr => $host // '127.0.0.1', PeerPort => $port,
-                                  Proto => 'tcp', Timeout => $timeout // 5)
-        or croak "WSClient: cannot connect to 127.0.0.1:$port: $!";
+    my ($port, $timeout, $host, $rcvbuf) = @_;
+    my $s;
+    if (defined $rcvbuf) {
+        # SO_RCVBUF must be set before connect() to limit the TCP window.
+        $s = IO::Socket::INET->new(Proto => 'tcp')
+            or croak "WSClient: socket: $!";
+        setsockopt($s, SOL_SOCKET, SO_RCVBUF, pack('i', $rcvbuf))
+            or croak "WSClient: setsockopt SO_RCVBUF: $!";
+        my $addr = inet_aton($host // '127.0.0.1')
+            or croak "WSClient: bad host " . ($host // '127.0.0.1');
+        $s->connect(pack_sockaddr_in($port, $addr))
+            or croak "WSClient: cannot connect to 127.0.0.1:$port: $!";
+    } else {
+        $s = IO::Socket::INET->new(PeerAddr => $host // '127.0.0.1', PeerPort => $port,
+                                   Proto => 'tcp', Timeout => $timeout // 5)
+            or croak "WSClient: cannot connect to 127.0.0.1:$port: $!";
+    }
     binmode $s;
     $s->autoflush(1);
     return $s;
@@ -127,13 +140,14 @@ sub raw_handshake {
     return ($status, $h, $head . $rest, $sock);
 }
 
-sub connect {
-    my ($class, %o) = @_;
-    my $port    = $o{port} or croak 'WSClient->connect: port required';
-    my $path    = $o{path} // '/ws';
-    my $timeout = $o{timeout} // 5;
-    my $key = encode_base64(_random_bytes(16), '');
-
+# The text of an opening handshake request and the key it carries.
+# %o: port (for Host), path ('/ws'), headers ({name => value}: replaces a
+# default header of that name, case-insensitively; undef drops it).
+sub handshake_request {
+    my (%o) = @_;
+    my $port = $o{port} // 0;
+    my $path = $o{path} // '/ws';
+    my $key = $o{key} // encode_base64(_random_bytes(16), '');
     my @hdr = (
         [Host                    => "127.0.0.1:$port"],
         [Upgrade                 => 'websocket'],
@@ -148,8 +162,20 @@ sub connect {
     }
     my $req = "GET $path HTTP/1.1\r\n"
             . join('', map { "$_->[0]: $_->[1]\r\n" } @hdr) . "\r\n";
+    return ($req, $key);
+}
 
-    my $sock = _socket($port, $timeout);
+# Options: port, path, timeout, headers, welcome, auto_pong, rcvbuf (bytes,
+# SO_RCVBUF set on the socket before connect).
+sub connect {
+    my ($class, %o) = @_;
+    my $port    = $o{port} or croak 'WSClient->connect: port required';
+    my $path    = $o{path} // '/ws';
+    my $timeout = $o{timeout} // 5;
+    my ($req, $key) = handshake_request(port => $port, path => $path,
+                                        headers => $o{headers});
+
+    my $sock = _socket($port, $timeout, undef, $o{rcvbuf});
     _write_all($sock, $req, $timeout) or croak "WSClient: cannot send handshake: $!";
     my ($head, $rest) = _read_head($sock, $timeout);
     croak "WSClient: no handshake response within ${timeout}s (got: '$rest')"
@@ -205,8 +231,13 @@ sub skipped          { @{ $_[0]{skipped} } }    # events passed over by wait_for
 
 # ---------------------------------------------------------------- sending
 
-sub send_frame {
-    my ($self, %o) = @_;
+# The bytes of one client frame. Options: opcode (1), payload (''), fin (1),
+# mask (1), rsv (0..7, the three RSV bits), declared_len (length written in
+# the header; defaults to the payload length), mask_key (4 bytes).
+# Callable as a function or as a method.
+sub frame_bytes {
+    shift if @_ % 2;    # class or object
+    my (%o) = @_;
     my $opcode  = $o{opcode} // 1;
     my $payload = $o{payload} // '';
     my $fin     = $o{fin} // 1;
@@ -229,7 +260,12 @@ sub send_frame {
         my $k = substr($key x (int(length($payload) / 4) + 1), 0, length $payload);
         $payload = $payload ^ $k;
     }
-    return _write_all($self->{sock}, $frame . $payload, $self->{timeout});
+    return $frame . $payload;
+}
+
+sub send_frame {
+    my ($self, %o) = @_;
+    return _write_all($self->{sock}, frame_bytes(%o), $self->{timeout});
 }
 
 # Send raw bytes on the connection (e.g. a frame split in pieces).
@@ -386,6 +422,12 @@ sub recv_json {
     my $m = $self->recv_message($timeout);
     return undef unless $m;
     return undef if $m->{opcode} == 8;
+    return $self->_record_event($m);
+}
+
+# Decode a data message into an event and append it to ->events.
+sub _record_event {
+    my ($self, $m) = @_;
     my $ev;
     if ($m->{opcode} == 2) {
         $ev = { type => '_binary', raw => $m->{payload} };
@@ -436,6 +478,41 @@ sub is_closed_by_server {
         return 1 if !defined $r;
         return 0 if !$r;
     }
+}
+
+# Read until the server's close frame and return it ({opcode => 8,
+# close_code, close_reason, payload}), or undef on timeout or EOF without a
+# close frame. Data messages read on the way are recorded as events (see
+# ->events); pings are answered when auto_pong is on.
+sub recv_close {
+    my ($self, $timeout) = @_;
+    my $deadline = time + ($timeout // $self->{timeout});
+    while (1) {
+        my $m = $self->recv_message($deadline - time);
+        return undef unless $m;
+        return $m if $m->{opcode} == 8;
+        $self->_record_event($m);
+    }
+}
+
+# Wait at most $timeout seconds (0: do not wait) for the socket to become
+# readable, read once, and return every complete frame now in the buffer
+# (nothing is answered or recorded). Sets ->eof on EOF.
+sub pending_frames {
+    my ($self, $timeout) = @_;
+    my @f;
+    while (my $f = $self->_parse_frame) { push @f, $f }
+    return @f if @f || !$self->{sock} || $self->{eof};
+    my $sel = IO::Select->new($self->{sock});
+    if ($sel->can_read($timeout // 0)) {
+        my $n = sysread($self->{sock}, $self->{buf}, 262144, length $self->{buf});
+        if (!$n) {
+            $self->{eof} = 1;
+            $self->{read_error} = $! unless defined $n;
+        }
+    }
+    while (my $f = $self->_parse_frame) { push @f, $f }
+    return @f;
 }
 
 sub DESTROY {
