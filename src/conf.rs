@@ -2,6 +2,7 @@
 //! Redis endpoints the workers will connect to.
 
 use core::ffi::{c_char, c_void, CStr};
+use core::ops::RangeInclusive;
 use core::{mem, ptr, slice};
 
 use ngx::core::{Pool, NGX_CONF_OK};
@@ -440,14 +441,9 @@ extern "C" fn set_max_message(
     _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    set_once(
-        cf,
-        &mut loc_conf_mut(conf).max_message,
-        |args| match parse_size(&args[0]) {
-            Some(n) if n > 0 && n <= MAX_MESSAGE_CEILING => Ok(n),
-            _ => Err(ConfError::Invalid("invalid size (1 to 16m)")),
-        },
-    )
+    set_once(cf, &mut loc_conf_mut(conf).max_message, |args| {
+        size_in(&args[0], 1..=MAX_MESSAGE_CEILING, "invalid size (1 to 16m)")
+    })
 }
 
 extern "C" fn set_send_buffer(
@@ -455,14 +451,9 @@ extern "C" fn set_send_buffer(
     _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    set_once(
-        cf,
-        &mut loc_conf_mut(conf).send_buffer,
-        |args| match parse_size(&args[0]) {
-            Some(n) if n >= 1024 => Ok(n),
-            _ => Err(ConfError::Invalid("invalid size (at least 1k)")),
-        },
-    )
+    set_once(cf, &mut loc_conf_mut(conf).send_buffer, |args| {
+        size_in(&args[0], 1024..=usize::MAX, "invalid size (at least 1k)")
+    })
 }
 
 extern "C" fn set_ping_interval(
@@ -545,21 +536,24 @@ extern "C" fn set_redis_backlog(
     _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    set_once(
-        cf,
-        &mut main_conf_mut(conf).redis_backlog,
-        |args| match parse_size(&args[0]) {
-            Some(n) if n >= 1024 => Ok(n),
-            _ => Err(ConfError::Invalid("invalid size (at least 1k)")),
-        },
-    )
+    set_once(cf, &mut main_conf_mut(conf).redis_backlog, |args| {
+        size_in(&args[0], 1024..=usize::MAX, "invalid size (at least 1k)")
+    })
 }
 
-fn parse_size(value: &ngx_str_t) -> Option<usize> {
+/// An nginx size (`64k`, `1m`) within `range`.
+fn size_in(
+    value: &ngx_str_t,
+    range: RangeInclusive<usize>,
+    invalid: &'static str,
+) -> Result<usize, ConfError> {
     let mut v = *value;
     // SAFETY: v is a valid ngx_str_t; nginx only reads it.
     let n = unsafe { ngx_parse_size(&mut v) };
-    (n != NGX_ERROR as isize).then_some(n as usize)
+    if n == NGX_ERROR as isize || !range.contains(&(n as usize)) {
+        return Err(ConfError::Invalid(invalid));
+    }
+    Ok(n as usize)
 }
 
 fn parse_time(value: &ngx_str_t) -> Result<ngx_msec_t, ConfError> {
