@@ -9,9 +9,10 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$WSCHAT_ROOT"
 
-# Perl: core modules only. chromium drives the page test.
+# Perl: core modules plus IO::Socket::SSL (wss test); chromium drives the
+# page test.
 ensure_packages "${WSCHAT_BUILD_PACKAGES[@]}" "${WSCHAT_RUN_PACKAGES[@]}" \
-    perl chromium fonts-noto-color-emoji
+    perl libio-socket-ssl-perl openssl chromium fonts-noto-color-emoji
 
 cargo build --release --locked
 cargo test --release --locked --workspace

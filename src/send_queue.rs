@@ -136,6 +136,8 @@ impl SendQueue {
                 b.end = b.last;
                 b.set_memory(1);
             }
+            // TLS buffers output until a buffer asks for a flush.
+            bufs[n - 1].set_flush(1);
             let base = links.as_mut_ptr();
             for i in 0..n {
                 links[i].buf = &mut bufs[i];

@@ -165,7 +165,7 @@ sub proc_rss_kb {
 # 127.0.0.1:%%REDIS_PORT%%. Options: workers (1), events (extra text in
 # events {}), http / server / location (extra directives), redis (the
 # websocket_chat_redis argument, or '' to leave the directive out),
-# worker_connections (1024).
+# worker_connections (1024), listen (extra listen parameters, e.g. "ssl").
 sub chat_config {
     my (%o) = @_;
     my $workers = $o{workers} // 1;
@@ -176,6 +176,7 @@ sub chat_config {
     my $http = $o{http} // '';
     my $server = $o{server} // '';
     my $location = $o{location} // '';
+    my $listen = defined $o{listen} ? " $o{listen}" : '';
     return <<"EOT";
 worker_processes $workers;
 events { worker_connections $wc; $events }
@@ -183,7 +184,7 @@ http {
     access_log %%PREFIX%%/logs/access.log;
 $rd$http
     server {
-        listen 127.0.0.1:%%PORT%%;
+        listen 127.0.0.1:%%PORT%%$listen;
 $server
         location = /ws {
             websocket_chat;

@@ -67,6 +67,17 @@ sub _socket {
     return $s;
 }
 
+# TLS over an connected socket (option tls => 1); the test's certificate is
+# self-signed, so it is not verified.
+sub _start_tls {
+    my ($sock, $timeout) = @_;
+    require IO::Socket::SSL;
+    IO::Socket::SSL->start_SSL($sock,
+        SSL_verify_mode => 0, SSL_hostname => 'localhost', Timeout => $timeout // 5)
+        or croak "WSClient: TLS handshake failed: " . IO::Socket::SSL::errstr();
+    return $sock;
+}
+
 sub _write_all {
     my ($sock, $data, $timeout) = @_;
     my $deadline = time + ($timeout // 5);
@@ -176,6 +187,7 @@ sub connect {
                                         headers => $o{headers});
 
     my $sock = _socket($port, $timeout, undef, $o{rcvbuf});
+    $sock = _start_tls($sock, $timeout) if $o{tls};
     _write_all($sock, $req, $timeout) or croak "WSClient: cannot send handshake: $!";
     my ($head, $rest) = _read_head($sock, $timeout);
     croak "WSClient: no handshake response within ${timeout}s (got: '$rest')"
