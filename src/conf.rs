@@ -10,9 +10,9 @@ use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_http_compile_complex_value, ngx_http_compile_complex_value_t,
     ngx_http_complex_value_t, ngx_http_core_loc_conf_t, ngx_http_request_t, ngx_msec_t,
     ngx_parse_size, ngx_parse_time, ngx_parse_url, ngx_str_t, ngx_uint_t, ngx_url_t,
-    NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_ERROR, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
-    NGX_LOG_EMERG, NGX_OK,
+    NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_ERROR,
+    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
+    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
@@ -105,6 +105,7 @@ pub struct LocConf {
     heartbeat_at: Option<ConfPlace>,
     rate: Option<Option<Limit>>,
     origins: Option<Origins>,
+    presence: Option<bool>,
 }
 
 impl LocConf {
@@ -142,6 +143,11 @@ impl LocConf {
 
     pub fn rate(&self) -> Option<&Limit> {
         self.rate.as_ref().and_then(Option::as_ref)
+    }
+
+    /// Whether members are told of joins and leaves.
+    pub fn presence(&self) -> bool {
+        self.presence.unwrap_or(true)
     }
 
     pub fn origins(&self) -> &Origins {
@@ -203,7 +209,7 @@ const fn main_directive(name: ngx_str_t, set: Setter) -> ngx_command_t {
     }
 }
 
-pub static mut COMMANDS: [ngx_command_t; 13] = [
+pub static mut COMMANDS: [ngx_command_t; 14] = [
     ngx_command_t {
         name: ngx_string!("websocket_chat"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
@@ -249,6 +255,11 @@ pub static mut COMMANDS: [ngx_command_t; 13] = [
         NGX_CONF_1MORE,
         set_origin,
     ),
+    directive(
+        ngx_string!("websocket_chat_presence"),
+        NGX_CONF_FLAG,
+        set_presence,
+    ),
     main_directive(
         ngx_string!("websocket_chat_redis_timeout"),
         set_redis_timeout,
@@ -290,6 +301,7 @@ pub extern "C" fn merge_loc_conf(
     if conf.origins.is_none() {
         conf.origins = prev.origins.clone();
     }
+    conf.presence = conf.presence.or(prev.presence);
     if conf.idle_timeout() <= conf.ping_interval() {
         let place = conf.heartbeat_at.as_ref().or(prev.heartbeat_at.as_ref());
         let (file, line) = place.map_or(("", 0), |p| (p.file.as_str(), p.line));
@@ -492,6 +504,20 @@ extern "C" fn set_rate(
         Limit::parse(&words)
             .map(Some)
             .map_err(|e| ConfError::Other(format!("{e} in \"websocket_chat_rate\" directive")))
+    })
+}
+
+extern "C" fn set_presence(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).presence, |args| {
+        match args[0].as_bytes() {
+            b"on" => Ok(true),
+            b"off" => Ok(false),
+            _ => Err(ConfError::Invalid("invalid value (on or off)")),
+        }
     })
 }
 

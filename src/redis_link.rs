@@ -438,17 +438,19 @@ impl Link {
             let Some(early) = session.welcome() else {
                 continue;
             };
-            let id = worker::next_id();
-            let join = envelope::presence(
-                envelope::Presence::Join,
-                room,
-                session.user(),
-                time::now_ms(),
-                &id,
-            );
+            let join = session.announces_presence().then(|| {
+                let id = worker::next_id();
+                envelope::presence(
+                    envelope::Presence::Join,
+                    room,
+                    session.user(),
+                    time::now_ms(),
+                    &id,
+                )
+            });
             // The join goes first so that the room sees the member before
             // anything the member typed while the subscription was pending.
-            for event in std::iter::once(join).chain(early) {
+            for event in join.into_iter().chain(early) {
                 if self.publish(room, &event).is_err() {
                     session.notify_backlog_full();
                 }

@@ -148,6 +148,11 @@ impl Session {
         &self.user
     }
 
+    /// Whether the room hears of this member's joining and leaving.
+    pub fn announces_presence(&self) -> bool {
+        self.conf.presence()
+    }
+
     /// Marks the session as live in its room and sends it `welcome`. Returns
     /// what it typed meanwhile (for the link to publish), or `None` if it was
     /// welcomed already.
@@ -325,7 +330,8 @@ impl Session {
     fn leave_room(&mut self) {
         // SAFETY: links live as long as the worker.
         let link = unsafe { &mut *self.link.as_ptr() };
-        if !link.leave(NonNull::from(&mut *self), &self.room) || self.early.is_some() {
+        let was_member = link.leave(NonNull::from(&mut *self), &self.room);
+        if !was_member || self.early.is_some() || !self.conf.presence() {
             return;
         }
         let id = worker::next_id();
