@@ -1,5 +1,6 @@
 //! Server-to-client WebSocket frames, encoded once per message.
 
+use std::io;
 use std::rc::Rc;
 
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
@@ -12,12 +13,18 @@ fn encode(opcode: OpCode, payload: &[u8]) -> Rc<[u8]> {
         opcode,
         ..FrameHeader::default()
     };
-    let mut out = Vec::with_capacity(payload.len() + 10);
+    // A server header is at most 10 bytes (no mask).
+    let mut head = io::Cursor::new([0u8; 10]);
     header
-        .format(payload.len() as u64, &mut out)
-        .expect("writing to a Vec cannot fail");
-    out.extend_from_slice(payload);
-    Rc::from(out)
+        .format(payload.len() as u64, &mut head)
+        .expect("a server frame header fits in 10 bytes");
+    let head_len = head.position() as usize;
+    // Collecting an exact-size iterator allocates the shared buffer once.
+    head.get_ref()[..head_len]
+        .iter()
+        .chain(payload)
+        .copied()
+        .collect()
 }
 
 pub fn text_frame(payload: &[u8]) -> Rc<[u8]> {
