@@ -227,7 +227,6 @@ impl Link {
         let setup_replies = self.endpoint.addr.setup_reply_count();
         let timeout = self.timeout;
         let conn = self.conn(role);
-        conn.backoff.reset();
         conn.setup_pending = setup_replies;
         conn.waiting_since = None;
         if !setup.is_empty() {
@@ -633,6 +632,11 @@ impl Link {
         conn.peer.inbuf.drain(..consumed);
         if consumed > 0 {
             conn.heard();
+            // Only a connection that got past AUTH/SELECT and answered
+            // counts as working: one refused at once must keep backing off.
+            if conn.setup_pending == 0 {
+                conn.backoff.reset();
+            }
         }
         if matches!(outcome, ReadOutcome::Closed) {
             self.on_down(role, "connection closed");
