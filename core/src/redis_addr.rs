@@ -192,7 +192,9 @@ fn tcp_target(s: &str) -> Result<Target, AddrError> {
             Some((h, p)) => (h, Some(p)),
             None => (s, None),
         };
-        if !is_host_name(host) {
+        // nginx reads any address starting with "unix:" as a socket path, so
+        // a host of that name could never be reached over TCP.
+        if !is_host_name(host) || host.eq_ignore_ascii_case("unix") {
             return Err(AddrError::BadHost);
         }
         (host, port)
@@ -390,5 +392,14 @@ mod tests {
         );
         // A user name without a password cannot authenticate.
         assert!(parse("redis://al@h").unwrap().setup_commands().is_empty());
+    }
+
+    #[test]
+    fn a_host_named_unix_is_refused() {
+        // It would reach nginx as "unix:6379", a socket path.
+        for bad in ["unix", "Unix:6380", "redis://UNIX:7"] {
+            assert_eq!(parse(bad), Err(AddrError::BadHost), "{bad}");
+        }
+        assert!(parse("unixhost:6379").is_ok());
     }
 }
