@@ -125,14 +125,19 @@ impl PeerConn {
             if self.inbuf.len() >= limit {
                 return ReadOutcome::Data;
             }
-            let start = self.inbuf.len();
-            self.inbuf.resize(start + READ_CHUNK, 0);
-            // SAFETY: c is live; the buffer has READ_CHUNK writable bytes.
+            // Read into spare capacity: zero-filling 16 KB per read showed up
+            // as the largest cost of a delivery under callgrind.
+            self.inbuf.reserve(READ_CHUNK);
+            let spare = self.inbuf.spare_capacity_mut();
+            // SAFETY: c is live; recv writes at most spare.len() bytes.
             let n = unsafe {
                 let recv = (*c).recv.expect("connections always have recv");
-                recv(c, self.inbuf.as_mut_ptr().add(start), READ_CHUNK)
+                recv(c, spare.as_mut_ptr().cast(), spare.len())
             };
-            self.inbuf.truncate(start + n.max(0) as usize);
+            if n > 0 {
+                // SAFETY: recv initialised the first n bytes of the spare room.
+                unsafe { self.inbuf.set_len(self.inbuf.len() + n as usize) };
+            }
             if n == NGX_AGAIN as isize {
                 // SAFETY: c is live; re-arms the read event where needed.
                 if unsafe { ngx_handle_read_event((*c).read, 0) } != NGX_OK as isize {

@@ -135,6 +135,8 @@ pub struct Link {
     resubscribing: usize,
     rooms: Registry<Member>,
     channels: HashMap<Box<str>, Channel>,
+    /// Reused for every reply: a fresh parser allocates and clears a buffer.
+    parser: redis::Parser,
 }
 
 fn channel_of(room: &str) -> String {
@@ -171,6 +173,7 @@ impl Link {
             resubscribing: 0,
             rooms: Registry::new(),
             channels: HashMap::new(),
+            parser: redis::Parser::new(),
         })
     }
 
@@ -598,7 +601,11 @@ impl Link {
         let mut consumed = 0;
         let mut failure = None;
         loop {
-            let buf = &self.conn(role).peer.inbuf[consumed..];
+            let conn = match role {
+                Role::Sub => &self.sub,
+                Role::Cmd => &self.cmd,
+            };
+            let buf = &conn.peer.inbuf[consumed..];
             let n = match resp::frame_len(buf, &REPLY_LIMITS) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
@@ -607,7 +614,7 @@ impl Link {
                     break;
                 }
             };
-            let value = match redis::parse_redis_value(&buf[..n]) {
+            let value = match self.parser.parse_value(&buf[..n]) {
                 Ok(v) => v,
                 Err(err) => {
                     failure = Some(format!("malformed reply: {err}"));

@@ -5,7 +5,7 @@
 //! socket becomes writable leaves in one `send_chain` call (one `writev` on a
 //! plain socket), which coalesces many small messages into one syscall.
 
-use core::mem;
+use core::mem::{self, MaybeUninit};
 use core::ptr;
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -122,31 +122,36 @@ impl SendQueue {
     /// `c` must be a live nginx connection whose `send_chain` may be called.
     pub unsafe fn flush(&mut self, c: *mut ngx_connection_t) -> Result<Flushed, SendFailed> {
         while !self.chunks.is_empty() {
-            // SAFETY: all-zero ngx_buf_t / ngx_chain_t are valid empty values.
-            let mut bufs: [ngx_buf_t; BATCH] = unsafe { mem::zeroed() };
-            let mut links: [ngx_chain_t; BATCH] = unsafe { mem::zeroed() };
+            // Only the entries in use are initialised: zeroing the whole
+            // batch on every flush cost more than the rest of a delivery.
+            let mut bufs = [const { MaybeUninit::<ngx_buf_t>::uninit() }; BATCH];
+            let mut links = [const { MaybeUninit::<ngx_chain_t>::uninit() }; BATCH];
             let n = self.chunks.len().min(BATCH);
             for (i, chunk) in self.chunks.iter().take(n).enumerate() {
-                let b = &mut bufs[i];
                 let range = chunk.data[chunk.sent..].as_ptr_range();
+                // SAFETY: an all-zero ngx_buf_t is a valid empty buffer.
+                let mut b: ngx_buf_t = unsafe { mem::zeroed() };
                 // nginx's buffers are mutable by type only; send_chain reads them.
                 b.start = range.start.cast_mut();
                 b.pos = b.start;
                 b.last = range.end.cast_mut();
                 b.end = b.last;
                 b.set_memory(1);
+                // TLS buffers output until a buffer asks for a flush.
+                b.set_flush(u32::from(i + 1 == n));
+                bufs[i].write(b);
             }
-            // TLS buffers output until a buffer asks for a flush.
-            bufs[n - 1].set_flush(1);
-            let base = links.as_mut_ptr();
+            let base = links.as_mut_ptr().cast::<ngx_chain_t>();
             for i in 0..n {
-                links[i].buf = &mut bufs[i];
-                // SAFETY: i + 1 <= n <= BATCH stays inside `links`.
-                links[i].next = if i + 1 < n {
-                    unsafe { base.add(i + 1) }
-                } else {
-                    ptr::null_mut()
-                };
+                links[i].write(ngx_chain_t {
+                    buf: bufs[i].as_mut_ptr(),
+                    // SAFETY: i + 1 <= n <= BATCH stays inside `links`.
+                    next: if i + 1 < n {
+                        unsafe { base.add(i + 1) }
+                    } else {
+                        ptr::null_mut()
+                    },
+                });
             }
             // SAFETY: the caller guarantees `c`; the chain and the memory it
             // points to outlive the call, and nginx keeps no reference to the
@@ -156,8 +161,12 @@ impl SendQueue {
                 return Err(SendFailed);
             }
             for b in bufs.iter().take(n) {
-                // SAFETY: send_chain only advances pos within [start, last].
-                let advanced = unsafe { b.pos.offset_from(b.start) } as usize;
+                // SAFETY: the first n were initialised above; send_chain only
+                // advances pos within [start, last].
+                let advanced = unsafe {
+                    let b = b.assume_init_ref();
+                    b.pos.offset_from(b.start)
+                } as usize;
                 let chunk = self.chunks.front_mut().expect("one chunk per buffer");
                 chunk.sent += advanced;
                 self.bytes -= advanced;
