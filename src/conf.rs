@@ -473,9 +473,7 @@ extern "C" fn set_ping_interval(
     _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let lc = loc_conf_mut(conf);
-    lc.heartbeat_at = ConfPlace::of(cf);
-    set_once(cf, &mut lc.ping_interval, |args| parse_time(&args[0]))
+    set_heartbeat(cf, conf, |lc| &mut lc.ping_interval)
 }
 
 extern "C" fn set_idle_timeout(
@@ -483,9 +481,19 @@ extern "C" fn set_idle_timeout(
     _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
+    set_heartbeat(cf, conf, |lc| &mut lc.idle_timeout)
+}
+
+/// The two heartbeat times, remembering where they were set: their
+/// consistency can only be checked once the levels are merged.
+fn set_heartbeat(
+    cf: *mut ngx_conf_t,
+    conf: *mut c_void,
+    slot: impl FnOnce(&mut LocConf) -> &mut Option<ngx_msec_t>,
+) -> *mut c_char {
     let lc = loc_conf_mut(conf);
     lc.heartbeat_at = ConfPlace::of(cf);
-    set_once(cf, &mut lc.idle_timeout, |args| parse_time(&args[0]))
+    set_once(cf, slot(lc), |args| parse_time(&args[0]))
 }
 
 extern "C" fn set_rate(
