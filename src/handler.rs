@@ -84,6 +84,9 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
         let main_req = &mut *req.main;
         main_req.set_count(main_req.count() + 1);
         if Session::start(r, lc, link, room, user, preread).is_err() {
+            // No session took the reference: give it back so that nginx's
+            // finalization frees the request.
+            main_req.set_count(main_req.count() - 1);
             return NGX_ERROR as ngx_int_t;
         }
     }
