@@ -60,6 +60,8 @@ impl PeerConn {
             state: State::Down,
             queue: SendQueue::new(backlog),
             inbuf: Vec::new(),
+            // SAFETY: an all-zero event is an idle, unarmed one; arm_retry
+            // fills in what nginx needs before it is used.
             retry: unsafe { mem::zeroed() },
         }
     }
