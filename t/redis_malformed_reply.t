@@ -8,6 +8,7 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
+use File::Temp qw(tempdir);
 use IO::Socket::INET;
 use IO::Select;
 use POSIX ();
@@ -53,7 +54,7 @@ sub accepts { my $f = shift; open my $h, '<', $f or return 0; my @l = <$h>; scal
 for my $case (['garbage' => "\@\@\@ not RESP\r\n"],
               ['oversized bulk' => "\$999999999\r\nxxxx"]) {
     my ($name, $reply) = @$case;
-    my $log = ChatTest::repo_root() . "/t/tmp/fake-redis-$$-" . time . '.log';
+    my $log = tempdir(CLEANUP => 1) . '/accepts.log';
     my ($port, $fake) = fake_redis($reply, $log);
 
     my $nginx = start_nginx(chat_config(redis => "127.0.0.1:$port",
@@ -79,7 +80,6 @@ for my $case (['garbage' => "\@\@\@ not RESP\r\n"],
     $nginx->stop;
     kill 'TERM', $fake;
     waitpid $fake, 0;
-    unlink $log;
 }
 
 done_testing;
