@@ -23,6 +23,7 @@ use strict;
 use warnings;
 
 use JSON::PP ();
+use WSClient ();
 use Time::HiRes qw(time);
 
 require Exporter;
@@ -195,39 +196,8 @@ sub ping_pong {
     }
 }
 
-# Take one complete server frame off the front of $$buf: returns
-# {opcode, fin, payload[, close_code]} or undef when incomplete. Server
-# frames are unmasked; a masked one is unmasked anyway.
-sub parse_frame {
-    my $buf = shift;
-    return undef if length $$buf < 2;
-    my ($b0, $b1) = unpack 'CC', $$buf;
-    my $len = $b1 & 0x7f;
-    my $off = 2;
-    if ($len == 126) {
-        return undef if length $$buf < 4;
-        $len = unpack 'n', substr($$buf, 2, 2);
-        $off = 4;
-    } elsif ($len == 127) {
-        return undef if length $$buf < 10;
-        my ($hi, $lo) = unpack 'NN', substr($$buf, 2, 8);
-        $len = $hi * 4294967296 + $lo;
-        $off = 10;
-    }
-    my $key;
-    if ($b1 & 0x80) {
-        return undef if length $$buf < $off + 4;
-        $key = substr($$buf, $off, 4);
-        $off += 4;
-    }
-    return undef if length $$buf < $off + $len;
-    my $payload = substr($$buf, $off, $len);
-    substr($$buf, 0, $off + $len, '');
-    $payload ^= substr($key x (int($len / 4) + 1), 0, $len) if defined $key;
-    my $f = { opcode => $b0 & 0xf, fin => ($b0 >> 7) & 1, payload => $payload };
-    $f->{close_code} = unpack 'n', $payload if $f->{opcode} == 8 && $len >= 2;
-    return $f;
-}
+# Frames are parsed by WSClient::parse_frame (re-exported for the tests).
+sub parse_frame { WSClient::parse_frame(@_) }
 
 package ChatFault::Nginx;
 

@@ -336,10 +336,11 @@ sub _fill {
     return 1;
 }
 
-# Take one complete frame off the buffer, or return undef.
-sub _parse_frame {
-    my $self = shift;
-    my $b = \$self->{buf};
+# Take one complete frame off the front of $$buf: returns {fin, rsv,
+# opcode, masked, payload[, close_code, close_reason]} (unmasked), or undef
+# while it is incomplete. A plain function, for tests that read raw sockets.
+sub parse_frame {
+    my $b = shift;
     return undef if length $$b < 2;
     my ($b0, $b1) = unpack 'CC', $$b;
     my $len = $b1 & 0x7f;
@@ -369,12 +370,19 @@ sub _parse_frame {
     }
     my $f = { fin => ($b0 >> 7) & 1, rsv => ($b0 >> 4) & 7, opcode => $b0 & 0xf,
               masked => $masked ? 1 : 0, payload => $payload };
+    if ($f->{opcode} == 8 && length $payload >= 2) {
+        $f->{close_code}   = unpack 'n', $payload;
+        $f->{close_reason} = substr($payload, 2);
+    }
+    return $f;
+}
+
+# The next frame off this client's buffer, noting a close frame.
+sub _parse_frame {
+    my $self = shift;
+    my $f = parse_frame(\$self->{buf}) or return undef;
     if ($f->{opcode} == 8) {
-        $self->{got_close} = 1;
-        if (length $payload >= 2) {
-            $f->{close_code}   = unpack 'n', $payload;
-            $f->{close_reason} = substr($payload, 2);
-        }
+        $self->{got_close}    = 1;
         $self->{close_code}   = $f->{close_code};
         $self->{close_reason} = $f->{close_reason};
     }
