@@ -153,8 +153,9 @@ impl PeerConn {
         }
     }
 
-    /// Sends queued bytes; arms the write event if the socket is full.
-    pub fn flush(&mut self) -> Result<Flushed, SendFailed> {
+    /// Sends the first `max_chunks` queued chunks (as far as the socket
+    /// takes them); arms the write event if the socket is full.
+    pub fn flush(&mut self, max_chunks: usize) -> Result<Flushed, SendFailed> {
         let Some(c) = self.connection() else {
             return Ok(Flushed::Partly);
         };
@@ -162,7 +163,7 @@ impl PeerConn {
             return Ok(Flushed::Partly);
         }
         // SAFETY: c is a live connection owned by this PeerConn.
-        let flushed = unsafe { self.queue.flush(c) }?;
+        let flushed = unsafe { self.queue.flush(c, max_chunks) }?;
         // SAFETY: as above.
         if unsafe { ngx_handle_write_event((*c).write, 0) } != NGX_OK as isize {
             return Err(SendFailed);

@@ -317,12 +317,21 @@ impl Link {
     }
 
     fn flush(&mut self, role: Role) {
-        if role == Role::Cmd && !self.may_publish() {
+        // While PUBLISHes wait, the command connection still sends its
+        // AUTH/SELECT, so that it is ready (or its refusal is logged).
+        let max_chunks = if role == Role::Cmd && !self.may_publish() {
+            let setup_next = (self.cmd.setup_chunk.as_ref())
+                .is_some_and(|setup| self.cmd.peer.queue.front_is(setup));
+            usize::from(setup_next)
+        } else {
+            usize::MAX
+        };
+        if max_chunks == 0 {
             return;
         }
         let conn = self.conn(role);
         let before = conn.peer.queue.chunk_count();
-        if conn.peer.flush().is_err() {
+        if conn.peer.flush(max_chunks).is_err() {
             self.on_down(role, "send failed");
             return;
         }

@@ -74,6 +74,13 @@ impl SendQueue {
         self.chunks.push_back(Chunk { data, sent: 0 });
     }
 
+    /// Whether `data` is next to go (possibly part-way out).
+    pub fn front_is(&self, data: &Rc<[u8]>) -> bool {
+        self.chunks
+            .front()
+            .is_some_and(|c| Rc::ptr_eq(&c.data, data))
+    }
+
     /// Removes the first chunk if it is `data` and nothing of it was sent.
     pub fn remove_front_if(&mut self, data: &Rc<[u8]>) {
         if self
@@ -116,17 +123,23 @@ impl SendQueue {
         self.bytes = 0;
     }
 
-    /// Sends as much as the socket takes.
+    /// Sends as much as the socket takes of the first `max_chunks` chunks;
+    /// `All` means those have gone.
     ///
     /// # Safety
     /// `c` must be a live nginx connection whose `send_chain` may be called.
-    pub unsafe fn flush(&mut self, c: *mut ngx_connection_t) -> Result<Flushed, SendFailed> {
-        while !self.chunks.is_empty() {
+    pub unsafe fn flush(
+        &mut self,
+        c: *mut ngx_connection_t,
+        max_chunks: usize,
+    ) -> Result<Flushed, SendFailed> {
+        let mut left = max_chunks;
+        while !self.chunks.is_empty() && left > 0 {
             // Only the entries in use are initialised: zeroing the whole
             // batch on every flush cost more than the rest of a delivery.
             let mut bufs = [const { MaybeUninit::<ngx_buf_t>::uninit() }; BATCH];
             let mut links = [const { MaybeUninit::<ngx_chain_t>::uninit() }; BATCH];
-            let n = self.chunks.len().min(BATCH);
+            let n = self.chunks.len().min(BATCH).min(left);
             for (i, chunk) in self.chunks.iter().take(n).enumerate() {
                 let range = chunk.data[chunk.sent..].as_ptr_range();
                 // SAFETY: an all-zero ngx_buf_t is a valid empty buffer.
@@ -174,6 +187,7 @@ impl SendQueue {
                     break;
                 }
                 self.chunks.pop_front();
+                left -= 1;
             }
             // SAFETY: c is live (caller); its write event exists.
             if !self.chunks.is_empty() && unsafe { (*(*c).write).ready() } == 0 {

@@ -519,7 +519,7 @@ unsafe fn flush(s: *mut Session) {
         }
     }
     // SAFETY: c is live.
-    match unsafe { session.ws.get_mut().queue.flush(c) } {
+    match unsafe { session.ws.get_mut().queue.flush(c, usize::MAX) } {
         Err(_) => {
             // SAFETY: live session.
             unsafe { finish(s) };
