@@ -3,6 +3,7 @@
 # * a wrong password: the handshake still succeeds (101), the member gets a
 #   "redis_unavailable" error event and no welcome; the error log has the
 #   "refused the subscriber connection's AUTH/SELECT" line with Redis' reason
+#   (and the same for the command connection)
 #   and the worker retries at a backed-off pace, not in a busy loop (counted
 #   in the error log and in Redis' AUTH call count over 3 s).
 # * redis://user:password@127.0.0.1:PORT/2 with an ACL user: members chat,
@@ -79,6 +80,12 @@ sub chat_ok {
     ok(@l && $l[0] =~ /WRONGPASS|invalid password|invalid username-password/i,
        'the refused line carries Redis\' reason (WRONGPASS / invalid password)')
         or diag($l[0] // 'no line');
+
+    # The command connection authenticates even while PUBLISHes wait for the
+    # subscriber, so its refusal is logged as well.
+    ok(wait_until(sub { log_lines($nginx,
+            qr/refused the command connection's AUTH\/SELECT: .*(?:WRONGPASS|invalid)/i) }, 5),
+       'error log: the command connection\'s AUTH refusal is logged too');
 
     # no busy loop: count over 3 s
     my $lines0 = () = log_lines($nginx, $refused_re);
