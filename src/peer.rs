@@ -12,7 +12,7 @@ use ngx::ffi::{
     ngx_peer_connection_t, ngx_str_t, sockaddr, NGX_AGAIN, NGX_ERROR, NGX_OK,
 };
 
-use crate::send_queue::{Flushed, SendFailed, SendQueue};
+use crate::send_queue::{FlushTo, Flushed, SendFailed, SendQueue};
 
 /// How much to read from Redis per `recv` call.
 const READ_CHUNK: usize = 16 * 1024;

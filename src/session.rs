@@ -20,7 +20,7 @@ use tungstenite::{Message, WebSocket};
 use crate::client_io::{self, ClientIo};
 use crate::conf::LocConf;
 use crate::redis_link::Link;
-use crate::send_queue::Flushed;
+use crate::send_queue::{FlushTo, Flushed};
 use crate::{module, time, worker};
 use wschat_core::envelope::Status;
 use wschat_core::frame_guard::Violation;

@@ -11,3 +11,4 @@ pub mod rate;
 pub mod redis_addr;
 pub mod resp;
 pub mod room;
+pub mod send_queue;

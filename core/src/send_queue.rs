@@ -1,0 +1,215 @@
+//! A bounded queue of byte chunks waiting to leave on one connection: the
+//! bookkeeping half of the module's send path (the socket half lives with
+//! nginx). Chunks are reference-counted so that one encoded frame can sit in
+//! the queues of every recipient without a copy.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full;
+
+struct Chunk {
+    data: Rc<[u8]>,
+    sent: usize,
+}
+
+pub struct SendQueue {
+    chunks: VecDeque<Chunk>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl SendQueue {
+    pub fn new(limit: usize) -> Self {
+        SendQueue {
+            chunks: VecDeque::new(),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    /// Queues a chunk unless that would pass the byte limit.
+    pub fn push(&mut self, data: Rc<[u8]>) -> Result<(), Full> {
+        if self.bytes + data.len() > self.limit {
+            return Err(Full);
+        }
+        self.bytes += data.len();
+        self.chunks.push_back(Chunk { data, sent: 0 });
+        Ok(())
+    }
+
+    /// Puts a chunk ahead of everything else (connection setup), regardless
+    /// of the limit.
+    pub fn push_front(&mut self, data: Rc<[u8]>) {
+        self.bytes += data.len();
+        self.chunks.push_front(Chunk { data, sent: 0 });
+    }
+
+    /// Queues a chunk regardless of the limit: for the one close frame that
+    /// ends a session.
+    pub fn push_unbounded(&mut self, data: Rc<[u8]>) {
+        self.bytes += data.len();
+        self.chunks.push_back(Chunk { data, sent: 0 });
+    }
+
+    /// Whether `data` is next to go (possibly part-way out).
+    pub fn front_is(&self, data: &Rc<[u8]>) -> bool {
+        self.chunks
+            .front()
+            .is_some_and(|c| Rc::ptr_eq(&c.data, data))
+    }
+
+    /// Removes the first chunk if it is `data` and nothing of it was sent.
+    pub fn remove_front_if(&mut self, data: &Rc<[u8]>) {
+        if self
+            .chunks
+            .front()
+            .is_some_and(|c| c.sent == 0 && Rc::ptr_eq(&c.data, data))
+        {
+            self.bytes -= data.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    /// Drops a chunk that was sent in part; returns whether there was one.
+    pub fn drop_partial_front(&mut self) -> bool {
+        match self.chunks.front() {
+            Some(c) if c.sent > 0 => {
+                self.bytes -= c.data.len() - c.sent;
+                self.chunks.pop_front();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Keeps only a chunk that is part-way out (cutting it would corrupt the
+    /// stream) and drops the rest.
+    pub fn truncate_to_partial(&mut self) {
+        let keep = usize::from(self.chunks.front().is_some_and(|c| c.sent > 0));
+        self.chunks.truncate(keep);
+        self.bytes = self.chunks.front().map_or(0, |c| c.data.len() - c.sent);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Drops everything, e.g. when the connection is gone.
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+        self.bytes = 0;
+    }
+
+    /// The unsent bytes of the first `n` chunks, in order: what the next
+    /// send should carry.
+    pub fn pending(&self, n: usize) -> impl Iterator<Item = &[u8]> {
+        self.chunks.iter().take(n).map(|c| &c.data[c.sent..])
+    }
+
+    /// Accounts for `sent` bytes gone from the front; returns how many
+    /// chunks went whole.
+    pub fn advance(&mut self, mut sent: usize) -> usize {
+        self.bytes -= sent;
+        let mut done = 0;
+        while let Some(chunk) = self.chunks.front_mut() {
+            let take = sent.min(chunk.data.len() - chunk.sent);
+            chunk.sent += take;
+            sent -= take;
+            if chunk.sent < chunk.data.len() {
+                break;
+            }
+            self.chunks.pop_front();
+            done += 1;
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(s: &str) -> Rc<[u8]> {
+        Rc::from(s.as_bytes())
+    }
+
+    fn pending(q: &SendQueue) -> Vec<String> {
+        q.pending(usize::MAX)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn push_respects_the_limit_but_the_bypasses_do_not() {
+        let mut q = SendQueue::new(10);
+        assert_eq!(q.push(chunk("12345")), Ok(()));
+        assert_eq!(q.push(chunk("123456")), Err(Full));
+        assert_eq!(q.push(chunk("12345")), Ok(()));
+        q.push_unbounded(chunk("close"));
+        q.push_front(chunk("auth"));
+        assert_eq!(pending(&q), ["auth", "12345", "12345", "close"]);
+        assert_eq!(q.chunk_count(), 4);
+    }
+
+    #[test]
+    fn advance_pops_whole_chunks_and_remembers_a_partial_one() {
+        let mut q = SendQueue::new(100);
+        for s in ["abc", "defg", "hi"] {
+            q.push(chunk(s)).unwrap();
+        }
+        assert_eq!(q.advance(5), 1);
+        assert_eq!(pending(&q), ["fg", "hi"]);
+        assert_eq!(q.advance(0), 0);
+        assert_eq!(q.advance(4), 2);
+        assert!(q.is_empty());
+        // Room is freed as bytes leave.
+        assert_eq!(q.push(chunk(&"x".repeat(100))), Ok(()));
+    }
+
+    #[test]
+    fn pending_is_limited_to_n_chunks() {
+        let mut q = SendQueue::new(100);
+        for s in ["a", "b", "c"] {
+            q.push(chunk(s)).unwrap();
+        }
+        assert_eq!(q.pending(2).count(), 2);
+    }
+
+    #[test]
+    fn a_partly_sent_chunk_survives_truncation_and_nothing_else_does() {
+        let mut q = SendQueue::new(100);
+        for s in ["abcd", "efg"] {
+            q.push(chunk(s)).unwrap();
+        }
+        q.advance(1);
+        q.truncate_to_partial();
+        assert_eq!(pending(&q), ["bcd"]);
+        assert!(q.drop_partial_front());
+        assert!(q.is_empty());
+        assert!(!q.drop_partial_front());
+        // Nothing part-way out: truncation empties the queue.
+        q.push(chunk("xyz")).unwrap();
+        q.truncate_to_partial();
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn the_setup_chunk_is_recognised_at_the_front_only() {
+        let mut q = SendQueue::new(100);
+        let setup = chunk("AUTH");
+        q.push(chunk("PUBLISH")).unwrap();
+        q.push_front(setup.clone());
+        assert!(q.front_is(&setup));
+        assert!(!q.front_is(&chunk("AUTH")), "same bytes, another chunk");
+        q.remove_front_if(&setup);
+        assert_eq!(pending(&q), ["PUBLISH"]);
+        q.remove_front_if(&setup);
+        assert_eq!(q.chunk_count(), 1);
+    }
+}
