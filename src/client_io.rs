@@ -54,11 +54,9 @@ impl std::fmt::Display for SlowConsumer {
 
 impl std::error::Error for SlowConsumer {}
 
-impl Read for ClientIo {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(v) = self.violation {
-            return Err(io::Error::other(v));
-        }
+impl ClientIo {
+    /// One `recv` on the connection: NGX_AGAIN becomes `WouldBlock`.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: the session owning this adapter lives no longer than the
         // connection, and nginx is single-threaded.
         let c = unsafe { &mut *self.c };
@@ -66,17 +64,40 @@ impl Read for ClientIo {
         // SAFETY: buf is valid for buf.len() bytes of writes.
         let n = unsafe { recv(c, buf.as_mut_ptr(), buf.len()) };
         match n {
-            n if n >= 0 => {
-                let (ok, violation) = self.guard.scan(&buf[..n as usize]);
-                self.violation = violation;
-                match violation {
-                    Some(v) if ok == 0 => Err(io::Error::other(v)),
-                    _ => Ok(ok),
-                }
-            }
+            n if n >= 0 => Ok(n as usize),
             n if n == NGX_AGAIN as isize => Err(io::ErrorKind::WouldBlock.into()),
             n if n == NGX_ERROR as isize => Err(io::ErrorKind::ConnectionReset.into()),
             _ => Err(io::ErrorKind::Other.into()),
+        }
+    }
+
+    /// Reads and drops whatever the client sends (after our close frame):
+    /// `Ok` when the socket has nothing more for now, `Err` once the client
+    /// has closed or the connection failed.
+    pub fn discard_input(&mut self) -> io::Result<()> {
+        let mut scratch = [0u8; 1024];
+        loop {
+            match self.recv(&mut scratch) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Read for ClientIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(v) = self.violation {
+            return Err(io::Error::other(v));
+        }
+        let n = self.recv(buf)?;
+        let (ok, violation) = self.guard.scan(&buf[..n]);
+        self.violation = violation;
+        match violation {
+            Some(v) if ok == 0 => Err(io::Error::other(v)),
+            _ => Ok(ok),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use ngx::ffi::{
     ngx_connection_t, ngx_current_msec, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event,
     ngx_http_close_connection, ngx_http_free_request, ngx_http_output_filter, ngx_http_request_t,
-    ngx_msec_t, ngx_pool_cleanup_add, NGX_AGAIN, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
+    ngx_msec_t, ngx_pool_cleanup_add, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
@@ -470,31 +470,15 @@ unsafe fn handle_read(s: *mut Session) {
 /// # Safety
 /// `s` must be a live session.
 unsafe fn drain_input(s: *mut Session) {
-    let mut scratch = [0u8; 1024];
+    // SAFETY: live session (caller).
+    let session = unsafe { &mut *s };
+    let c = session.c;
     // SAFETY: c is live while the session is.
-    let c = unsafe { (*s).c };
-    loop {
-        // SAFETY: scratch is writable for its length.
-        let n = unsafe {
-            ((*c).recv.expect("connections always have recv"))(
-                c,
-                scratch.as_mut_ptr(),
-                scratch.len(),
-            )
-        };
-        if n == NGX_AGAIN as isize {
-            // SAFETY: c is live.
-            if unsafe { ngx_handle_read_event((*c).read, 0) } != NGX_OK as isize {
-                // SAFETY: live session.
-                unsafe { finish(s) };
-            }
-            return;
-        }
-        if n <= 0 || n == NGX_ERROR as isize {
-            // SAFETY: live session.
-            unsafe { finish(s) };
-            return;
-        }
+    if session.ws.get_mut().discard_input().is_err()
+        || unsafe { ngx_handle_read_event((*c).read, 0) } != NGX_OK as isize
+    {
+        // SAFETY: live session.
+        unsafe { finish(s) };
     }
 }
 
