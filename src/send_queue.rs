@@ -6,7 +6,8 @@ use core::mem::{self, MaybeUninit};
 use core::ptr;
 
 use ngx::ffi::{
-    iovec, ngx_buf_t, ngx_chain_t, ngx_connection_t, ngx_iovec_t, ngx_writev, NGX_ERROR,
+    iovec, ngx_buf_t, ngx_chain_t, ngx_connection_t, ngx_iovec_t, ngx_ssl_free_buffer, ngx_writev,
+    NGX_ERROR, NGX_SSL_BUFFERED,
 };
 pub use wschat_core::send_queue::SendQueue;
 
@@ -61,8 +62,40 @@ impl FlushTo for SendQueue {
                 return Ok(Flushed::Partly);
             }
         }
+        // SAFETY: c is live (caller).
+        if unsafe { !(*c).ssl.is_null() } {
+            // SAFETY: as above.
+            return unsafe { drain_tls(c) };
+        }
         Ok(Flushed::All)
     }
+}
+
+/// nginx's TLS layer keeps what the socket did not take in a buffer of its
+/// own (`ssl_buffer_size`), out of the queue's sight: push it out, and once
+/// it is empty give its memory back, as nginx does for an idle keepalive
+/// connection.
+///
+/// # Safety
+/// `c` must be a live TLS connection whose `send_chain` may be called.
+unsafe fn drain_tls(c: *mut ngx_connection_t) -> Result<Flushed, SendFailed> {
+    // SAFETY: c is live (caller); an empty chain asks TLS to flush.
+    unsafe {
+        if (*c).buffered() & NGX_SSL_BUFFERED != 0 {
+            if (*(*c).write).ready() == 0 {
+                return Ok(Flushed::Partly);
+            }
+            let rest = ((*c).send_chain.ok_or(SendFailed)?)(c, ptr::null_mut(), 0);
+            if rest as isize == NGX_ERROR as isize {
+                return Err(SendFailed);
+            }
+            if (*c).buffered() & NGX_SSL_BUFFERED != 0 {
+                return Ok(Flushed::Partly);
+            }
+        }
+        ngx_ssl_free_buffer(c);
+    }
+    Ok(Flushed::All)
 }
 
 /// Plain sockets: the first `n` chunks in one `writev`, straight from
