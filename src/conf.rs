@@ -106,6 +106,17 @@ pub struct LocConf {
     rate: Option<Option<Limit>>,
     origins: Option<Origins>,
     presence: Option<bool>,
+    access_log: Option<LogAt>,
+}
+
+/// When nginx writes a session's access-log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogAt {
+    /// When the session ends, as for a proxied WebSocket; the HTTP request
+    /// is kept for it.
+    Close,
+    /// Right after the 101; the HTTP request is then freed.
+    Upgrade,
 }
 
 impl LocConf {
@@ -148,6 +159,10 @@ impl LocConf {
     /// Whether members are told of joins and leaves.
     pub fn presence(&self) -> bool {
         self.presence.unwrap_or(true)
+    }
+
+    pub fn access_log(&self) -> LogAt {
+        self.access_log.unwrap_or(LogAt::Close)
     }
 
     pub fn origins(&self) -> &Origins {
@@ -209,7 +224,7 @@ const fn main_directive(name: ngx_str_t, set: Setter) -> ngx_command_t {
     }
 }
 
-pub static mut COMMANDS: [ngx_command_t; 14] = [
+pub static mut COMMANDS: [ngx_command_t; 15] = [
     ngx_command_t {
         name: ngx_string!("websocket_chat"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
@@ -260,6 +275,11 @@ pub static mut COMMANDS: [ngx_command_t; 14] = [
         NGX_CONF_FLAG,
         set_presence,
     ),
+    directive(
+        ngx_string!("websocket_chat_access_log"),
+        NGX_CONF_TAKE1,
+        set_access_log,
+    ),
     main_directive(
         ngx_string!("websocket_chat_redis_timeout"),
         set_redis_timeout,
@@ -302,6 +322,7 @@ pub extern "C" fn merge_loc_conf(
         conf.origins = prev.origins.clone();
     }
     conf.presence = conf.presence.or(prev.presence);
+    conf.access_log = conf.access_log.or(prev.access_log);
     if conf.idle_timeout() <= conf.ping_interval() {
         let place = conf.heartbeat_at.as_ref().or(prev.heartbeat_at.as_ref());
         let (file, line) = place.map_or(("", 0), |p| (p.file.as_str(), p.line));
@@ -525,6 +546,20 @@ extern "C" fn set_presence(
             b"on" => Ok(true),
             b"off" => Ok(false),
             _ => Err(ConfError::Invalid("invalid value (on or off)")),
+        }
+    })
+}
+
+extern "C" fn set_access_log(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).access_log, |args| {
+        match args[0].as_bytes() {
+            b"close" => Ok(LogAt::Close),
+            b"upgrade" => Ok(LogAt::Upgrade),
+            _ => Err(ConfError::Invalid("invalid value (close or upgrade)")),
         }
     })
 }

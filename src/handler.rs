@@ -79,7 +79,8 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
     // handshake; they already sit in the header buffer.
     let preread = take_preread(req);
     // SAFETY: the count keeps the request (and its connection) alive after
-    // the handler returns NGX_DONE; the session releases it when it ends.
+    // the handler returns NGX_DONE; the session gives it back when it ends,
+    // or once the 101 is out with `websocket_chat_access_log upgrade`.
     unsafe {
         let main_req = &mut *req.main;
         main_req.set_count(main_req.count() + 1);

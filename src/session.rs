@@ -8,8 +8,9 @@ use std::rc::Rc;
 
 use ngx::ffi::{
     ngx_connection_t, ngx_current_msec, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event,
-    ngx_http_close_connection, ngx_http_free_request, ngx_http_output_filter, ngx_http_request_t,
-    ngx_msec_t, ngx_pool_cleanup_add, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
+    ngx_http_close_connection, ngx_http_connection_t, ngx_http_free_request,
+    ngx_http_output_filter, ngx_http_request_t, ngx_msec_t, ngx_pfree, ngx_pool_cleanup_add,
+    NGX_ERROR, NGX_LOG_INFO, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
@@ -18,7 +19,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 
 use crate::client_io::{self, ClientIo};
-use crate::conf::LocConf;
+use crate::conf::{LocConf, LogAt};
 use crate::redis_link::Link;
 use crate::send_queue::{FlushTo, Flushed};
 use crate::{module, time, worker};
@@ -47,7 +48,9 @@ pub mod close {
 }
 
 pub struct Session {
-    r: *mut ngx_http_request_t,
+    /// The HTTP request, while the session holds it: until the session ends
+    /// (`websocket_chat_access_log close`) or until the 101 is out (`upgrade`).
+    request: Option<NonNull<ngx_http_request_t>>,
     c: *mut ngx_connection_t,
     conf: &'static LocConf,
     ws: WebSocket<ClientIo>,
@@ -64,6 +67,9 @@ pub struct Session {
     last_heard: ngx_msec_t,
     rate: Bucket,
     rejected_in_row: u8,
+    /// How long a closing client gets to take its last frames: nginx's
+    /// `send_timeout`, read while the request was at hand.
+    linger: ngx_msec_t,
 }
 
 /// What the read handler should do after looking at the socket.
@@ -88,8 +94,11 @@ impl Session {
         user: String,
         preread: Vec<u8>,
     ) -> Result<(), ()> {
+        // SAFETY: r is live (caller); so is its connection.
+        let (c, pool) = unsafe { ((*r).connection, (*(*r).connection).pool) };
         // SAFETY: r is live (caller).
-        let (c, pool) = unsafe { ((*r).connection, (*r).pool) };
+        let linger = unsafe { NgxHttpCoreModule::location_conf(&*r) }
+            .map_or(60_000, |clcf| clcf.send_timeout);
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(0)
@@ -99,7 +108,7 @@ impl Session {
         let preread = io.admit_preread(preread);
         let ws = WebSocket::from_partially_read(io, preread, Role::Server, Some(config));
         let session = Box::into_raw(Box::new(Session {
-            r,
+            request: NonNull::new(r),
             c,
             conf,
             ws,
@@ -113,10 +122,11 @@ impl Session {
             last_heard: unsafe { ngx_current_msec },
             rate: Bucket::default(),
             rejected_in_row: 0,
+            linger,
         }));
 
-        // SAFETY: the request pool outlives every use of the session; the
-        // cleanup frees it when nginx frees the request, whatever the path.
+        // SAFETY: the connection pool outlives every use of the session; the
+        // cleanup frees it when nginx closes the connection, whatever the path.
         unsafe {
             let cln = ngx_pool_cleanup_add(pool, 0);
             if cln.is_null() {
@@ -127,8 +137,8 @@ impl Session {
             (*cln).data = session.cast();
             *(*r).ctx.add(module().ctx_index) = session.cast();
 
-            (*(*c).read).handler = Some(on_read);
-            (*(*c).write).handler = Some(on_write);
+            (*(*c).read).handler = Some(on_read::<ViaRequest>);
+            (*(*c).write).handler = Some(on_write::<ViaRequest>);
             // nginx's graceful shutdown visits idle connections with c->close
             // set: that is the hook for the 1001 close.
             (*c).set_idle(1);
@@ -143,6 +153,11 @@ impl Session {
         unsafe { (*link.as_ptr()).join(NonNull::from(&mut *s), &s.room) };
         // SAFETY: the session is fully set up; bytes may already be waiting.
         unsafe { handle_read(session) };
+        if conf.access_log() == LogAt::Upgrade {
+            // The request can only go once nginx is done with it, after this
+            // content handler: the write handler frees it.
+            s.wake_writer();
+        }
         Ok(())
     }
 
@@ -196,8 +211,12 @@ impl Session {
         if self.ws.get_mut().queue.push(frame).is_err() {
             self.pending_close = Some((close::POLICY, "slow consumer"));
         }
-        // SAFETY: c is live while the session is; the posted event runs
-        // after the current handler returns.
+        self.wake_writer();
+    }
+
+    /// Schedules the write handler for after the current handler returns.
+    fn wake_writer(&self) {
+        // SAFETY: c is live while the session is.
         unsafe {
             ngx::ffi::ngx_post_event(
                 (*self.c).write,
@@ -365,22 +384,50 @@ unsafe extern "C" fn free_session(data: *mut c_void) {
     drop(unsafe { Box::from_raw(data.cast::<Session>()) });
 }
 
-/// The session behind one of its connection's events.
-///
-/// # Safety
-/// `ev` must be a read or write event of a connection taken over by `start`.
-unsafe fn session_of(ev: *mut ngx_event_t) -> *mut Session {
-    // SAFETY: c->data is the request; its ctx slot holds the session.
-    unsafe {
-        let c = (*ev).data.cast::<ngx_connection_t>();
-        let r = (*c).data.cast::<ngx_http_request_t>();
-        (*(*r).ctx.add(module().ctx_index)).cast::<Session>()
+/// Where an event handler finds its session. nginx itself reads `c->data` as
+/// the request while the request lives, so the session moves there only
+/// once the request is freed.
+trait Locate {
+    /// # Safety
+    /// `c` must be a connection taken over by `Session::start`.
+    unsafe fn session(c: *mut ngx_connection_t) -> *mut Session;
+}
+
+/// `c->data` is the request; its ctx slot holds the session.
+struct ViaRequest;
+/// `c->data` is the session.
+struct ViaConnection;
+
+impl Locate for ViaRequest {
+    unsafe fn session(c: *mut ngx_connection_t) -> *mut Session {
+        // SAFETY: while the session holds the request, c->data is it.
+        unsafe {
+            let r = (*c).data.cast::<ngx_http_request_t>();
+            (*(*r).ctx.add(module().ctx_index)).cast::<Session>()
+        }
     }
 }
 
-unsafe extern "C" fn on_read(ev: *mut ngx_event_t) {
+impl Locate for ViaConnection {
+    unsafe fn session(c: *mut ngx_connection_t) -> *mut Session {
+        // SAFETY: `release_request` stored the session in c->data.
+        unsafe { (*c).data.cast::<Session>() }
+    }
+}
+
+/// The session behind one of its connection's events.
+///
+/// # Safety
+/// `ev` must be a read or write event of a connection taken over by `start`,
+/// and `L` the way its handlers are set to find the session.
+unsafe fn session_of<L: Locate>(ev: *mut ngx_event_t) -> *mut Session {
+    // SAFETY: ev->data of a connection event is the connection.
+    unsafe { L::session((*ev).data.cast::<ngx_connection_t>()) }
+}
+
+unsafe extern "C" fn on_read<L: Locate>(ev: *mut ngx_event_t) {
     // SAFETY: nginx calls this for the connection `start` took over.
-    let s = unsafe { session_of(ev) };
+    let s = unsafe { session_of::<L>(ev) };
     // SAFETY: the session is live until `finish`.
     unsafe {
         let c = (*s).c;
@@ -405,11 +452,14 @@ unsafe extern "C" fn on_read(ev: *mut ngx_event_t) {
     }
 }
 
-unsafe extern "C" fn on_write(ev: *mut ngx_event_t) {
+unsafe extern "C" fn on_write<L: Locate>(ev: *mut ngx_event_t) {
     // SAFETY: as in on_read.
-    let s = unsafe { session_of(ev) };
+    let s = unsafe { session_of::<L>(ev) };
     // SAFETY: the session is live until `finish`.
     unsafe {
+        if (*s).conf.access_log() == LogAt::Upgrade {
+            release_request(s);
+        }
         if (*ev).timedout() != 0 {
             finish(s);
             return;
@@ -489,17 +539,21 @@ unsafe fn drain_input(s: *mut Session) {
 unsafe fn flush(s: *mut Session) {
     // SAFETY: live session (caller).
     let session = unsafe { &mut *s };
-    let (r, c) = (session.r, session.c);
-    // SAFETY: r is live; the 101 header may still sit in nginx's output
-    // chain if the socket was full when it was sent, and must go first.
-    unsafe {
-        if !(*r).out.is_null() && ngx_http_output_filter(r, ptr::null_mut()) == NGX_ERROR as isize {
-            finish(s);
-            return;
-        }
-        if !(*r).out.is_null() {
-            arm_write(s);
-            return;
+    let c = session.c;
+    // SAFETY: a held request is live; the 101 header may still sit in its
+    // output chain if the socket was full when it was sent, and must go first.
+    if let Some(r) = session.request.map(NonNull::as_ptr) {
+        unsafe {
+            if !(*r).out.is_null()
+                && ngx_http_output_filter(r, ptr::null_mut()) == NGX_ERROR as isize
+            {
+                finish(s);
+                return;
+            }
+            if !(*r).out.is_null() {
+                arm_write(s);
+                return;
+            }
         }
     }
     // SAFETY: c is live.
@@ -542,31 +596,90 @@ unsafe fn arm_write(s: *mut Session) {
         if (*s).closing {
             // A closing client gets nginx's `send_timeout` to take its last
             // frames, the close frame among them.
-            let linger =
-                NgxHttpCoreModule::location_conf(&*(*s).r).map_or(60_000, |clcf| clcf.send_timeout);
-            ngx::ffi::ngx_add_timer((*c).write, linger);
+            ngx::ffi::ngx_add_timer((*c).write, (*s).linger);
         }
     }
 }
 
-/// Ends the session: nginx writes the access-log line, frees the request
-/// (and with its pool the session) and closes the connection.
+/// Frees the HTTP request once the 101 has left: nginx writes the
+/// access-log line now, and the request's pool and header buffers (8 KB or
+/// more per connection) go back while the session goes on.
+///
+/// # Safety
+/// `s` must be a live session, called from an event handler (never inside
+/// nginx's processing of the request).
+unsafe fn release_request(s: *mut Session) {
+    // SAFETY: live session (caller); a held request is live.
+    unsafe {
+        let session = &mut *s;
+        let Some(r) = session.request.map(NonNull::as_ptr) else {
+            return;
+        };
+        let c = session.c;
+        if !(*r).out.is_null() || (*c).buffered() != 0 || (*r).count() != 1 || (*r).blocked() != 0 {
+            return;
+        }
+        let hc = (*r).http_connection;
+        (*r).set_count(0);
+        session.request = None;
+        ngx_http_free_request(r, 0);
+        // Set by nginx for a closing connection; this one stays open.
+        (*c).set_destroyed(0);
+        (*c).data = s.cast();
+        (*(*c).read).handler = Some(on_read::<ViaConnection>);
+        (*(*c).write).handler = Some(on_write::<ViaConnection>);
+        free_header_buffers(c, hc);
+    }
+}
+
+/// Returns the request's header buffers to the system, as nginx does for an
+/// idle keepalive connection; the bytes past the headers were taken in
+/// `start`.
+///
+/// # Safety
+/// `c` must be the connection of the freed request `hc` belonged to.
+unsafe fn free_header_buffers(c: *mut ngx_connection_t, hc: *mut ngx_http_connection_t) {
+    // SAFETY: the buffers were allocated from c->pool; ngx_pfree frees only
+    // those allocated outside its blocks, and nothing reads them any more.
+    unsafe {
+        let b = (*c).buffer;
+        if !b.is_null() && ngx_pfree((*c).pool, (*b).start.cast()) == NGX_OK as isize {
+            (*c).buffer = ptr::null_mut();
+        }
+        for chain in [&mut (*hc).free, &mut (*hc).busy] {
+            let mut cl = *chain;
+            while !cl.is_null() {
+                ngx_pfree((*c).pool, (*(*cl).buf).start.cast());
+                cl = (*cl).next;
+            }
+            *chain = ptr::null_mut();
+        }
+        (*hc).nbusy = 0;
+    }
+}
+
+/// Ends the session: nginx writes the access-log line if the request is
+/// still held and frees it, then closes the connection (and with its pool
+/// frees the session).
 ///
 /// # Safety
 /// `s` must be a live session; it is freed on return.
 unsafe fn finish(s: *mut Session) {
-    // SAFETY: the session is live until the request is freed, which is the
-    // last thing done here. This is ngx_http_close_request for an HTTP/1.x
-    // request, spelled out because older nginx (1.22) does not export it.
+    // SAFETY: the session is live until its connection is closed, which is
+    // the last thing done here. With a request, this is
+    // ngx_http_close_request for an HTTP/1.x request, spelled out because
+    // older nginx (1.22) does not export it.
     unsafe {
-        let r = (*(*s).r).main;
-        let c = (*r).connection;
-        let count = (*r).count();
-        (*r).set_count(count.saturating_sub(1));
-        if count > 1 || (*r).blocked() != 0 {
-            return;
+        let c = (*s).c;
+        if let Some(r) = (*s).request.map(NonNull::as_ptr) {
+            let r = (*r).main;
+            let count = (*r).count();
+            (*r).set_count(count.saturating_sub(1));
+            if count > 1 || (*r).blocked() != 0 {
+                return;
+            }
+            ngx_http_free_request(r, 0);
         }
-        ngx_http_free_request(r, 0);
         ngx_http_close_connection(c);
     }
 }

@@ -1,7 +1,9 @@
 # A client may send its first frames in the same packet as the handshake:
 # nginx has them in its header buffer already, and the module must parse
 # them before reading the socket. Messages sent before `welcome` are held and
-# published right after the member's join, in order.
+# published right after the member's join, in order. Checked with the request
+# kept (access log at close) and freed after the upgrade (access log at
+# upgrade), which also frees nginx's header buffer.
 use strict;
 use warnings;
 use FindBin;
@@ -16,50 +18,56 @@ use ChatFault;
 use WSClient;
 
 my $redis = start_redis();
-my $nginx = start_nginx(chat_config(), redis => $redis);
-my $port = $nginx->port;
 
-my $watcher = WSClient->join(port => $port, room => 'pre', nick => 'watcher');
+for my $mode (qw(close upgrade)) {
+    my $nginx = start_nginx(chat_config(location => "websocket_chat_access_log $mode;"),
+                            redis => $redis);
+    my $port = $nginx->port;
 
-my ($req) = WSClient::handshake_request(port => $port, path => '/ws?room=pre&nick=eager');
-my $packet = $req
-    . WSClient->frame_bytes(opcode => 1, payload => 'first, with the handshake')
-    . WSClient->frame_bytes(opcode => 1, payload => 'second, same packet');
-my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp')
-    or die "connect: $!";
-syswrite($s, $packet) == length $packet or die "short write";
 
-# Read the 101 and then events until both messages came back.
-my ($buf, @texts, @types) = ('');
-my $sel = IO::Select->new($s);
-my $deadline = time + 5;
-while (@texts < 2 && time < $deadline) {
-    last unless $sel->can_read($deadline - time);
-    sysread($s, $buf, 65536, length $buf) or last;
-    if ($buf =~ s/\A(HTTP\/1\.1 (\d+)[^\r]*\r\n.*?\r\n\r\n)//s) {
-        is($2, 101, 'the handshake is answered with 101');
+    my $watcher = WSClient->join(port => $port, room => 'pre', nick => 'watcher');
+
+    my ($req) = WSClient::handshake_request(port => $port, path => '/ws?room=pre&nick=eager');
+    my $packet = $req
+        . WSClient->frame_bytes(opcode => 1, payload => 'first, with the handshake')
+        . WSClient->frame_bytes(opcode => 1, payload => 'second, same packet');
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp')
+        or die "connect: $!";
+    syswrite($s, $packet) == length $packet or die "short write";
+
+    # Read the 101 and then events until both messages came back.
+    my ($buf, @texts, @types) = ('');
+    my $sel = IO::Select->new($s);
+    my $deadline = time + 5;
+    while (@texts < 2 && time < $deadline) {
+        last unless $sel->can_read($deadline - time);
+        sysread($s, $buf, 65536, length $buf) or last;
+        if ($buf =~ s/\A(HTTP\/1\.1 (\d+)[^\r]*\r\n.*?\r\n\r\n)//s) {
+            is($2, 101, "$mode: the handshake is answered with 101");
+        }
+        next if $buf =~ /\AHTTP/;
+        while (my $f = parse_frame(\$buf)) {
+            next unless $f->{opcode} == 1;
+            my $ev = decode_json($f->{payload});
+            push @types, $ev->{type};
+            push @texts, $ev->{text} if $ev->{type} eq 'message';
+        }
     }
-    next if $buf =~ /\AHTTP/;
-    while (my $f = parse_frame(\$buf)) {
-        next unless $f->{opcode} == 1;
-        my $ev = decode_json($f->{payload});
-        push @types, $ev->{type};
-        push @texts, $ev->{text} if $ev->{type} eq 'message';
+    is_deeply(\@texts, ['first, with the handshake', 'second, same packet'],
+              "$mode: both frames sent with the handshake were relayed, in order");
+    is($types[0], 'welcome', "$mode: welcome came first") or diag("events: @types");
+
+    my @seen;
+    for (1 .. 2) {
+        my $ev = $watcher->wait_for(sub { $_[0]{type} eq 'message' && $_[0]{user} eq 'eager' }, 5);
+        push @seen, $ev ? $ev->{text} : undef;
     }
-}
-is_deeply(\@texts, ['first, with the handshake', 'second, same packet'],
-          'both frames sent with the handshake were relayed, in order');
-is($types[0], 'welcome', 'welcome came first') or diag("events: @types");
+    is_deeply(\@seen, ['first, with the handshake', 'second, same packet'],
+              "$mode: the other member received them too");
 
-my @seen;
-for (1 .. 2) {
-    my $ev = $watcher->wait_for(sub { $_[0]{type} eq 'message' && $_[0]{user} eq 'eager' }, 5);
-    push @seen, $ev ? $ev->{text} : undef;
+    close $s;
+    $nginx->stop;
 }
-is_deeply(\@seen, ['first, with the handshake', 'second, same packet'],
-          'the other member received them too');
 
-close $s;
-$nginx->stop;
 $redis->stop;
 done_testing;
