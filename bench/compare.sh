@@ -235,6 +235,7 @@ EOF
             websocket_chat_user \$arg_nick;
             # nchan has no join/leave events: compare pub/sub alike.
             websocket_chat_presence $PRESENCE;
+            websocket_chat_access_log $ACCESS_LOG;
         }
     }
 }
@@ -297,14 +298,14 @@ stop_target() { # target
     local t=$1
     stop_pid "$MASTER_PID" 15 QUIT
     MASTER_PID=""
-    cp "$NGINX_DIR/logs/error.log" "$RAW/$t-error.log" 2>/dev/null || true
+    cat "$NGINX_DIR/logs/error.log" >> "$RAW/$t-error.log" 2>/dev/null || true
 }
 
 # ---------------------------------------------------------------- scenarios
 if [ "$QUICK" = 1 ]; then
     RATES=(100 400 1600); FAN_DUR=4; LAT_DUR=8; ROOMS_DUR=8; IDLE_DUR=4; STORM_DUR=8
 else
-    RATES=(50 100 200 400 800 1600); FAN_DUR=10; LAT_DUR=20; ROOMS_DUR=20; IDLE_DUR=10; STORM_DUR=20
+    RATES=(50 100 200 400 600 800 1200 1600 2400); FAN_DUR=10; LAT_DUR=20; ROOMS_DUR=20; IDLE_DUR=10; STORM_DUR=20
 fi
 
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -341,9 +342,22 @@ except Exception:
     print("")' "$1" "$2"
 }
 
+# The module's product default: the access-log line when a session ends.
+ACCESS_LOG=close
+
 run_target() {
     local t=$1
     log "=== $t ==="
+    if [ "$t" = module ]; then
+        # Idle memory once more with the HTTP request freed after the upgrade.
+        ACCESS_LOG=upgrade
+        start_target "$t"
+        log "$t (d) idle, websocket_chat_access_log upgrade: 10000 connections, 100 rooms"
+        bench "$t" idle-upgrade --idle --clients 10000 --rooms 100 --procs 2 --duration "$IDLE_DUR" \
+            --source-addrs "$SRC_B"
+        stop_target "$t"
+        ACCESS_LOG=close
+    fi
     start_target "$t"
     # (d) idle memory first, on fresh workers, so the before/after difference
     # is what the connections cost and not reuse of earlier heap.
@@ -505,6 +519,8 @@ add("", "Redis CPU, % of one core", "rooms", ["cpu", "redis_pct"], "lo")
 add("", "(noise) other processes' CPU %", "rooms", ["cpu", "others_pct"], None)
 add("(d) idle 10,000 connections (100 rooms)", "RSS bytes / connection (all workers)", "idle", ["memory", "per_connection_rss_bytes"], "lo")
 add("", "PSS bytes / connection (all workers)", "idle", ["memory", "per_connection_pss_bytes"], "lo")
+rows.append(("", "RSS bytes / connection, module with `websocket_chat_access_log upgrade`",
+             {t: g(data[t].get("idle-upgrade" if t == "module" else "idle"), "memory", "per_connection_rss_bytes") for t in targets}, "lo"))
 add("", "connections ok", "idle", ["connections", "ok"], "hi")
 add("", "connect time p50 ms", "idle", ["connections", "connect_ms", "p50"], "lo")
 add("", "connect time p99 ms", "idle", ["connections", "connect_ms", "p99"], "lo")
