@@ -623,8 +623,10 @@ unsafe fn release_request(s: *mut Session) {
         (*r).set_count(0);
         session.request = None;
         ngx_http_free_request(r, 0);
-        // Set by nginx for a closing connection; this one stays open.
+        // Set by nginx for a closing connection; this one stays open, and
+        // its error-log lines should not say "while closing request".
         (*c).set_destroyed(0);
+        (*(*c).log).action = ptr::null_mut();
         (*c).data = s.cast();
         (*(*c).read).handler = Some(on_read::<ViaConnection>);
         (*(*c).write).handler = Some(on_write::<ViaConnection>);

@@ -75,8 +75,8 @@ my $big = 'z' x 2000;
     $b->send_frame(opcode => 1, payload => 'x', rsv => 4);
     my $pc = $b->recv_close(5);
     is($pc && $pc->{close_code}, 1002, 'upgrade: a protocol error is closed 1002');
-    ok(wait_until(sub { $nginx->error_log_text =~ /closing session of "u2".*1002.*client: 127\.0\.0\.1/ }, 5),
-       'upgrade: the error log names the client');
+    ok(wait_until(sub { $nginx->error_log_text =~ /closing session of "u2" in "u": 1002 reserved bits set, client: 127\.0\.0\.1,/ }, 5),
+       'upgrade: the error log names the client (and no stale action)');
 
     my $gone = $a->wait_for(sub { $_[0]{type} eq 'leave' && $_[0]{user} eq 'u2' }, 5);
     ok($gone, 'upgrade: the room hears of the leave');
