@@ -7,6 +7,7 @@
 //! from the scheduled time (open loop); "service" latency from the actual send.
 
 use crate::config::{Config, Mode, Shard, Target};
+use crate::lean::{self, Event};
 use crate::stats::{hist_to_json, new_hist, record, wall_us};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -29,6 +30,7 @@ pub const HEADER_LEN: usize = 60;
 
 type Ws = WebSocketStream<TcpStream>;
 type Sink = SplitSink<Ws, Message>;
+type Receiver = lean::Receiver<TcpStream>;
 
 #[derive(Default)]
 struct Shared {
@@ -162,15 +164,8 @@ fn make_text(publisher: usize, seq: u64, sched_us: u64, measured: bool, payload:
     s
 }
 
-/// TCP connect from `src`, WebSocket handshake, and (module) wait for the
-/// welcome event. Returns the stream and the time it took in µs.
-async fn open(
-    url: &str,
-    dst: SocketAddr,
-    src: IpAddr,
-    target: Target,
-) -> Result<(Ws, u64), String> {
-    let t0 = wall_us();
+/// TCP connection from `src` to `dst`.
+async fn tcp_connect(dst: SocketAddr, src: IpAddr) -> Result<TcpStream, String> {
     let sock = if dst.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -184,6 +179,19 @@ async fn open(
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// TCP connect from `src`, WebSocket handshake, and (module) wait for the
+/// welcome event. Returns the stream and the time it took in µs.
+async fn open(
+    url: &str,
+    dst: SocketAddr,
+    src: IpAddr,
+    target: Target,
+) -> Result<(Ws, u64), String> {
+    let t0 = wall_us();
+    let tcp = tcp_connect(dst, src).await?;
     let (mut ws, _resp) = tokio_tungstenite::client_async(url, tcp)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
@@ -208,49 +216,94 @@ async fn open(
     Ok((ws, wall_us().saturating_sub(t0)))
 }
 
-/// Reads one connection until it ends (or the task is aborted), counting
-/// every chat message: unique measured deliveries, duplicates, reordering.
-async fn reader(
-    mut stream: SplitStream<Ws>,
+/// `open` for a connection that only receives: the same steps, and so the
+/// same connect time, through the lean receiver instead of tungstenite.
+async fn open_receiver(
+    url: &str,
+    dst: SocketAddr,
+    src: IpAddr,
+    target: Target,
+) -> Result<(Receiver, u64), String> {
+    let t0 = wall_us();
+    let tcp = tcp_connect(dst, src).await?;
+    let mut rx = lean::connect(tcp, url)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    if target == Target::Module {
+        loop {
+            match rx.next().await {
+                Ok(Event::Text(t, _)) => {
+                    if t.starts_with("{\"type\":\"welcome\"") {
+                        break;
+                    }
+                    if t.starts_with("{\"type\":\"error\"") {
+                        return Err(format!("error before welcome: {t}"));
+                    }
+                }
+                Ok(Event::Close(c)) => {
+                    return Err(format!(
+                        "closed before welcome: {:?}",
+                        String::from_utf8_lossy(c)
+                    ))
+                }
+                Ok(Event::Binary) => {}
+                Err(e) => return Err(format!("before welcome: {e}")),
+            }
+        }
+    }
+    Ok((rx, wall_us().saturating_sub(t0)))
+}
+
+/// Per-connection accounting of the chat messages one member receives:
+/// unique measured deliveries, duplicates, reordering.
+struct Tally {
     target: Target,
     room: usize,
     rooms: usize,
     publishers: usize,
+    seen: Vec<Vec<u64>>,
+    last: Vec<i64>,
     sh: Sh,
-    stopping: Rc<Cell<bool>>,
-) {
-    let mut seen: Vec<Vec<u64>> = vec![Vec::new(); publishers];
-    let mut last: Vec<i64> = vec![-1; publishers];
-    while let Some(msg) = stream.next().await {
-        let t = match msg {
-            Ok(Message::Text(t)) => t,
-            Ok(Message::Close(_)) | Err(_) => break,
-            Ok(_) => continue,
-        };
-        let now = wall_us();
-        let text = match classify(target, t.as_str()) {
+}
+
+impl Tally {
+    fn new(target: Target, room: usize, rooms: usize, publishers: usize, sh: Sh) -> Self {
+        Tally {
+            target,
+            room,
+            rooms,
+            publishers,
+            seen: vec![Vec::new(); publishers],
+            last: vec![-1; publishers],
+            sh,
+        }
+    }
+
+    /// One text message, received at wall-clock `now` (µs).
+    fn text(&mut self, t: &str, now: u64) {
+        let text = match classify(self.target, t) {
             Frame::Text(x) => x,
             Frame::ServerError => {
-                let mut s = sh.borrow_mut();
+                let mut s = self.sh.borrow_mut();
                 s.server_errors += 1;
-                s.note_error(format!("server error event: {}", t.as_str()));
-                continue;
+                s.note_error(format!("server error event: {t}"));
+                return;
             }
-            Frame::Other => continue,
+            Frame::Other => return,
         };
-        let mut s = sh.borrow_mut();
+        let mut s = self.sh.borrow_mut();
         let h = match parse_header(text) {
-            Some(h) if h.publisher < publishers => h,
+            Some(h) if h.publisher < self.publishers => h,
             _ => {
                 s.foreign += 1;
-                continue;
+                return;
             }
         };
-        if h.publisher % rooms != room {
+        if h.publisher % self.rooms != self.room {
             s.misrouted += 1;
-            continue;
+            return;
         }
-        let bits = &mut seen[h.publisher];
+        let bits = &mut self.seen[h.publisher];
         let word = (h.seq / 64) as usize;
         if bits.len() <= word {
             bits.resize(word + 1, 0);
@@ -258,13 +311,13 @@ async fn reader(
         let mask = 1u64 << (h.seq % 64);
         if bits[word] & mask != 0 {
             s.duplicated += 1;
-            continue;
+            return;
         }
         bits[word] |= mask;
-        if (h.seq as i64) < last[h.publisher] {
+        if (h.seq as i64) < self.last[h.publisher] {
             s.out_of_order += 1;
         } else {
-            last[h.publisher] = h.seq as i64;
+            self.last[h.publisher] = h.seq as i64;
         }
         if h.measured {
             s.received += 1;
@@ -284,11 +337,52 @@ async fn reader(
             s.warm_received += 1;
         }
     }
-    if !stopping.get() {
-        let mut s = sh.borrow_mut();
-        s.disconnects += 1;
-        s.note_error("connection closed by server during the run".into());
+
+    /// The connection ended (close, EOF or error). Unless the run is over,
+    /// the server dropped a member: note why.
+    fn ended(&self, stopping: &Cell<bool>, why: Option<String>) {
+        if !stopping.get() {
+            let mut s = self.sh.borrow_mut();
+            s.disconnects += 1;
+            s.note_error(
+                why.unwrap_or_else(|| "connection closed by server during the run".into()),
+            );
+        }
     }
+}
+
+/// An open member connection: a publisher's, or one that only receives.
+enum Conn {
+    Ws(Box<Ws>),
+    Lean(Receiver),
+}
+
+/// Reads a publisher's connection (tungstenite) until it ends or the task
+/// is aborted.
+async fn read_ws(mut stream: SplitStream<Ws>, mut tally: Tally, stopping: Rc<Cell<bool>>) {
+    while let Some(msg) = stream.next().await {
+        match msg {
+            Ok(Message::Text(t)) => tally.text(t.as_str(), wall_us()),
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    tally.ended(&stopping, None);
+}
+
+/// Reads a member's connection until it ends or the task is aborted.
+async fn read_lean(mut rx: Receiver, mut tally: Tally, stopping: Rc<Cell<bool>>) {
+    let why = loop {
+        match rx.next().await {
+            Ok(Event::Text(t, at)) => tally.text(t, at),
+            Ok(Event::Binary) => {}
+            Ok(Event::Close(_)) | Err(lean::Error::Eof | lean::Error::Io(_)) => break None,
+            Err(e @ lean::Error::Protocol(_)) => {
+                break Some(format!("server broke the protocol: {e}"))
+            }
+        }
+    };
+    tally.ended(&stopping, why);
 }
 
 struct Schedule {
@@ -496,7 +590,6 @@ async fn shard_main(cfg: Config) -> i32 {
     let stopping = Rc::new(Cell::new(false));
     let mut readers: Vec<JoinHandle<()>> = Vec::new();
     let sinks: Rc<RefCell<Vec<(usize, usize, Sink)>>> = Rc::new(RefCell::new(Vec::new()));
-    let idle_sinks: Rc<RefCell<Vec<Sink>>> = Rc::new(RefCell::new(Vec::new()));
 
     if cfg.mode != Mode::Storm {
         let sem = Rc::new(Semaphore::new(cfg.connect_concurrency));
@@ -506,25 +599,35 @@ async fn shard_main(cfg: Config) -> i32 {
             let room = idx % cfg.rooms;
             let src = cfg.source_addrs[idx % cfg.source_addrs.len()];
             let url = room_url(&cfg, room, &format!("c{idx}"));
-            let (sem, sh, cfg, stopping, sinks, idle_sinks, tx) = (
+            let (sem, sh, cfg, stopping, sinks, tx) = (
                 sem.clone(),
                 sh.clone(),
                 cfg.clone(),
                 stopping.clone(),
                 sinks.clone(),
-                idle_sinks.clone(),
                 tx.clone(),
             );
             connecting.push(tokio::task::spawn_local(async move {
                 let _permit = sem.acquire().await;
                 let limit = Duration::from_secs_f64(cfg.connect_timeout);
-                let res = match tokio::time::timeout(limit, open(&url, dst, src, cfg.target)).await
-                {
+                // Publishers send through tungstenite; every other member
+                // only receives, through the cheaper lean receiver.
+                let publishes = cfg.mode == Mode::Load && idx < cfg.publishers;
+                let opening = async {
+                    if publishes {
+                        let (ws, us) = open(&url, dst, src, cfg.target).await?;
+                        Ok((Conn::Ws(Box::new(ws)), us))
+                    } else {
+                        let (rx, us) = open_receiver(&url, dst, src, cfg.target).await?;
+                        Ok((Conn::Lean(rx), us))
+                    }
+                };
+                let res = match tokio::time::timeout(limit, opening).await {
                     Ok(r) => r,
                     Err(_) => Err("connect timeout".into()),
                 };
                 match res {
-                    Ok((ws, us)) => {
+                    Ok((conn, us)) => {
                         {
                             let mut s = sh.borrow_mut();
                             s.connected += 1;
@@ -533,28 +636,23 @@ async fn shard_main(cfg: Config) -> i32 {
                                 record(h, us);
                             }
                         }
-                        let (sink, stream) = ws.split();
                         let npub = if cfg.mode == Mode::Load {
                             cfg.publishers
                         } else {
                             0
                         };
-                        let h = tokio::task::spawn_local(reader(
-                            stream,
-                            cfg.target,
-                            room,
-                            cfg.rooms,
-                            npub,
-                            sh.clone(),
-                            stopping,
-                        ));
+                        let tally = Tally::new(cfg.target, room, cfg.rooms, npub, sh.clone());
+                        let h = match conn {
+                            Conn::Ws(ws) => {
+                                let (sink, stream) = (*ws).split();
+                                sinks.borrow_mut().push((idx, room, sink));
+                                tokio::task::spawn_local(read_ws(stream, tally, stopping))
+                            }
+                            Conn::Lean(rx) => {
+                                tokio::task::spawn_local(read_lean(rx, tally, stopping))
+                            }
+                        };
                         let _ = tx.send(h);
-                        if cfg.mode == Mode::Load && idx < cfg.publishers {
-                            sinks.borrow_mut().push((idx, room, sink));
-                        } else {
-                            // Held until the end; pongs go out through the read half.
-                            idle_sinks.borrow_mut().push(sink);
-                        }
                     }
                     Err(e) => {
                         let mut s = sh.borrow_mut();
@@ -703,7 +801,6 @@ async fn shard_main(cfg: Config) -> i32 {
     for r in readers {
         let _ = r.await;
     }
-    idle_sinks.borrow_mut().clear();
     let result = shard_result(&sh.borrow());
     say(&format!("RESULT {result}"));
     0

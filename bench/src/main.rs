@@ -7,6 +7,8 @@
 
 mod client;
 mod config;
+mod frame;
+mod lean;
 mod stats;
 
 use config::{Config, Mode, Target};
