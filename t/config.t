@@ -1,5 +1,6 @@
 # Configuration checks by nginx -t: invalid websocket_chat_redis addresses,
-# duplicated directives and arguments to websocket_chat fail with file:line;
+# duplicated directives, arguments to websocket_chat and an unknown
+# websocket_chat_access_log value fail with file:line;
 # unix: and redis:// addresses are accepted.
 use strict;
 use warnings;
@@ -64,6 +65,9 @@ fails('duplicate websocket_chat_room',
       'websocket_chat_room', 2, qr/websocket_chat_room/);
 fails('websocket_chat with an argument', conf(location => 'websocket_chat on;'),
       'websocket_chat on', 1, qr/websocket_chat/);
+fails('websocket_chat_access_log with an unknown value',
+      conf(location => "websocket_chat;\nwebsocket_chat_access_log always;"),
+      'websocket_chat_access_log', 1, qr/websocket_chat_access_log.*close or upgrade|close or upgrade.*websocket_chat_access_log/);
 
 for my $addr ('unix:/tmp/x.sock', 'redis://user:pw@127.0.0.1:6379/2') {
     my ($code, $out) = test_config(conf(http => "websocket_chat_redis $addr;"));
@@ -73,6 +77,10 @@ for my $addr ('unix:/tmp/x.sock', 'redis://user:pw@127.0.0.1:6379/2') {
     my ($code, $out) = test_config(conf(location =>
         "websocket_chat;\nwebsocket_chat_redis unix:/tmp/x.sock;\nwebsocket_chat_room \$arg_room;\nwebsocket_chat_user \$arg_nick;"));
     is($code, 0, 'directives at location level pass nginx -t') or diag($out);
+}
+for my $when (qw(close upgrade)) {
+    my ($code, $out) = test_config(conf(http => "websocket_chat_access_log $when;"));
+    is($code, 0, "websocket_chat_access_log $when passes nginx -t") or diag($out);
 }
 
 done_all();
