@@ -540,9 +540,10 @@ unsafe fn flush(s: *mut Session) {
     // SAFETY: live session (caller).
     let session = unsafe { &mut *s };
     let c = session.c;
-    // SAFETY: a held request is live; the 101 header may still sit in its
-    // output chain if the socket was full when it was sent, and must go first.
     if let Some(r) = session.request.map(NonNull::as_ptr) {
+        // SAFETY: a held request is live; the 101 header may still sit in its
+        // output chain if the socket was full when it was sent, and must go
+        // first.
         unsafe {
             if !(*r).out.is_null()
                 && ngx_http_output_filter(r, ptr::null_mut()) == NGX_ERROR as isize
