@@ -2,7 +2,9 @@
 # can be replayed) that send garbage after a valid handshake, random frames
 # (bad opcodes, unmasked, RSV bits, fragments, oversized), cut handshakes,
 # or floods, and then leave. No worker may crash, no room may stay
-# subscribed, and a fresh client must chat normally afterwards.
+# subscribed, and a fresh client must chat normally afterwards. Half of them
+# go to a location that frees the HTTP request after the upgrade
+# (websocket_chat_access_log upgrade).
 use strict;
 use warnings;
 use FindBin;
@@ -19,9 +21,16 @@ srand($seed);
 diag("seed $seed (SOAK_SEED=$seed reproduces this run)");
 
 my $redis = start_redis();
-my $nginx = start_nginx(chat_config(workers => 2, location =>
-    "            websocket_chat_max_message 4k;\n            websocket_chat_rate 50r/s burst=50;\n"),
-    redis => $redis);
+my $limits = "websocket_chat_max_message 4k;\n            websocket_chat_rate 50r/s burst=50;";
+my $nginx = start_nginx(chat_config(workers => 2, location => "            $limits\n",
+    server => <<"EOT"), redis => $redis);
+        location = /wsu {
+            websocket_chat;
+            websocket_chat_room \$arg_room;
+            websocket_chat_access_log upgrade;
+            $limits
+        }
+EOT
 my $port = $nginx->port;
 my @workers = sort { $a <=> $b } $nginx->worker_pids;
 
@@ -39,7 +48,7 @@ my $sent = 0;
 for my $i (1 .. 600) {
     last if time > $deadline;
     my ($req) = WSClient::handshake_request(port => $port,
-        path => '/ws?room=' . $rooms[rand @rooms]);
+        path => (rand() < 0.5 ? '/ws' : '/wsu') . '?room=' . $rooms[rand @rooms]);
     my $data = $req;
     my $kind = rand;
     if ($kind < 0.3) {
@@ -69,11 +78,13 @@ cmp_ok($sent, '>=', 300, "hostile connections sent their bytes ($sent)");
 is_deeply([sort { $a <=> $b } $nginx->worker_pids], \@workers,
           'the same workers are still running: none crashed');
 
-my $c = WSClient->join(port => $port, room => 'after', nick => 'calm');
-$c->send_text('still fine');
-my $ev = $c->wait_for(sub { $_[0]{type} eq 'message' }, 5);
-is($ev && $ev->{text}, 'still fine', 'a fresh client chats normally afterwards');
-$c->disconnect;
+for my $location ('/ws', '/wsu') {
+    my $c = WSClient->join(port => $port, room => 'after', nick => 'calm', location => $location);
+    $c->send_text('still fine');
+    my $ev = $c->wait_for(sub { $_[0]{type} eq 'message' }, 5);
+    is($ev && $ev->{text}, 'still fine', "a fresh client on $location chats normally afterwards");
+    $c->disconnect;
+}
 
 # Every hostile session left its room: no channel stays subscribed.
 my $left;

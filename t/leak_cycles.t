@@ -5,7 +5,9 @@
 #
 # 8 cycles run at a time, driven by one select loop; each slot uses its
 # own room, so every cycle also subscribes and unsubscribes the room's
-# channel. Every step of a cycle has a 5 s deadline.
+# channel. Every step of a cycle has a 5 s deadline. All of it twice: with
+# the HTTP request kept to the end (access log at close) and freed after the
+# upgrade.
 use strict;
 use warnings;
 use FindBin;
@@ -26,10 +28,7 @@ my $MAX_FAIL   = 20;      # give up after this many failed cycles
 my $RSS_LIMIT  = 4096;    # kB
 
 my $redis = start_redis();
-my $nginx = start_nginx_ok('nginx starts (1 worker)', chat_config(workers => 1), redis => $redis);
-my $port = $nginx->port;
-my ($worker) = $nginx->worker_pids;
-ok($worker, "worker pid $worker");
+my ($nginx, $port, $worker);
 
 my (%fail, @fail_samples);
 my $sel = IO::Select->new;
@@ -163,33 +162,44 @@ sub run_cycles {
     return ($done, time - $t0);
 }
 
-@slot = map { { n => $_, state => 'idle', done => 0 } } 0 .. $SLOTS - 1;
+for my $mode (qw(close upgrade)) {
+    $nginx = start_nginx_ok("nginx starts (1 worker, access log at $mode)",
+        chat_config(workers => 1, location => "websocket_chat_access_log $mode;"), redis => $redis);
+    $port = $nginx->port;
+    ($worker) = $nginx->worker_pids;
+    ok($worker, "$mode: worker pid $worker");
+    %fail = ();
+    @fail_samples = ();
+    @slot = map { { n => $_, state => 'idle', done => 0 } } 0 .. $SLOTS - 1;
 
-my ($w_done, $w_time) = run_cycles($WARMUP, 20);
-is($w_done, $WARMUP, "warm-up: $WARMUP cycles completed")
-    or diag(join "\n", @fail_samples);
-my $rss0 = proc_rss_kb($worker);
-diag(sprintf 'warm-up: %d cycles in %.1fs; worker VmRSS after warm-up: %s kB',
-     $w_done, $w_time, $rss0 // '?');
+    my ($w_done, $w_time) = run_cycles($WARMUP, 20);
+    is($w_done, $WARMUP, "$mode: warm-up: $WARMUP cycles completed")
+        or diag(join "\n", @fail_samples);
+    my $rss0 = proc_rss_kb($worker);
+    diag(sprintf "$mode: " . 'warm-up: %d cycles in %.1fs; worker VmRSS after warm-up: %s kB',
+         $w_done, $w_time, $rss0 // '?');
 
-my ($done, $secs) = run_cycles($CYCLES, 50);
-my $rss1 = proc_rss_kb($worker);
-diag(sprintf '%d cycles in %.1fs (%.0f/s); worker VmRSS after: %s kB; growth %s kB',
-     $done, $secs, $done / ($secs || 1), $rss1 // '?',
-     defined $rss0 && defined $rss1 ? $rss1 - $rss0 : '?');
-is($done, $CYCLES, "$CYCLES connect/join/message/close cycles completed");
-my $nfail = 0;
-$nfail += $_ for values %fail;
-is($nfail, 0, 'no cycle failed')
-    or diag(join("\n", map({ "$_: $fail{$_}" } sort keys %fail), @fail_samples));
-ok(defined $rss0 && defined $rss1 && $rss1 - $rss0 < $RSS_LIMIT,
-   "worker VmRSS grew by less than $RSS_LIMIT kB over $CYCLES cycles");
-is(scalar(grep { $_->{state} ne 'idle' } @slot), 0, 'no cycle left in flight');
-ok(wait_until(sub { !grep { $redis->numsub("leak$_") } 0 .. $SLOTS - 1 }, 10),
-   'no room channel left subscribed');
-# the server saw every session: one access-log line with status 101 each
-my $sessions;
-wait_until(sub { $sessions = () = $nginx->access_log_text =~ /" 101 /g; $sessions >= $WARMUP + $CYCLES }, 10);
-is($sessions, $WARMUP + $CYCLES, 'access log: one 101 line per cycle');
+    my ($done, $secs) = run_cycles($CYCLES, 50);
+    my $rss1 = proc_rss_kb($worker);
+    diag(sprintf "$mode: " . '%d cycles in %.1fs (%.0f/s); worker VmRSS after: %s kB; growth %s kB',
+         $done, $secs, $done / ($secs || 1), $rss1 // '?',
+         defined $rss0 && defined $rss1 ? $rss1 - $rss0 : '?');
+    is($done, $CYCLES, "$mode: $CYCLES connect/join/message/close cycles completed");
+    my $nfail = 0;
+    $nfail += $_ for values %fail;
+    is($nfail, 0, "$mode: no cycle failed")
+        or diag(join("\n", map({ "$_: $fail{$_}" } sort keys %fail), @fail_samples));
+    ok(defined $rss0 && defined $rss1 && $rss1 - $rss0 < $RSS_LIMIT,
+       "$mode: worker VmRSS grew by less than $RSS_LIMIT kB over $CYCLES cycles");
+    is(scalar(grep { $_->{state} ne 'idle' } @slot), 0, "$mode: no cycle left in flight");
+    ok(wait_until(sub { !grep { $redis->numsub("leak$_") } 0 .. $SLOTS - 1 }, 10),
+       "$mode: no room channel left subscribed");
+    # the server saw every session: one access-log line with status 101 each
+    my $sessions;
+    wait_until(sub { $sessions = () = $nginx->access_log_text =~ /" 101 /g; $sessions >= $WARMUP + $CYCLES }, 10);
+    is($sessions, $WARMUP + $CYCLES, "$mode: access log: one 101 line per cycle");
+
+    $nginx->stop;
+}
 
 done_all();
