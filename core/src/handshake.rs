@@ -44,7 +44,7 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Rejection::Method => "WebSocket handshake method is not GET",
-            Rejection::HttpVersion => "WebSocket handshake requires HTTP/1.1 or later",
+            Rejection::HttpVersion => "WebSocket handshake requires HTTP/1.1",
             Rejection::Upgrade => "missing \"Upgrade: websocket\" header",
             Rejection::Connection => "missing \"Connection: upgrade\" header",
             Rejection::Key => "missing, duplicated or invalid \"Sec-WebSocket-Key\" header",
@@ -57,6 +57,7 @@ impl fmt::Display for Rejection {
 impl std::error::Error for Rejection {}
 
 const HTTP_1_1: u32 = 1001;
+const HTTP_2_0: u32 = 2000;
 const KEY_LEN: usize = 24;
 
 /// Validates the request and returns the `Sec-WebSocket-Accept` value.
@@ -64,7 +65,9 @@ pub fn accept(req: &Request<'_>) -> Result<String, Rejection> {
     if req.method != b"GET" {
         return Err(Rejection::Method);
     }
-    if req.http_version < HTTP_1_1 {
+    // HTTP/2 and HTTP/3 have no Upgrade: their requests share one
+    // connection with other streams, which a WebSocket cannot take over.
+    if !(HTTP_1_1..HTTP_2_0).contains(&req.http_version) {
         return Err(Rejection::HttpVersion);
     }
     if !any_header_has_token(req, b"upgrade", b"websocket") {
@@ -240,7 +243,9 @@ mod tests {
     fn http_version() {
         assert_eq!(run(b"GET", 1000, &base()), Err(Rejection::HttpVersion));
         assert_eq!(run(b"GET", 9, &base()), Err(Rejection::HttpVersion));
-        assert!(run(b"GET", 2000, &base()).is_ok());
+        assert!(run(b"GET", 1009, &base()).is_ok());
+        assert_eq!(run(b"GET", 2000, &base()), Err(Rejection::HttpVersion));
+        assert_eq!(run(b"GET", 3000, &base()), Err(Rejection::HttpVersion));
     }
 
     #[test]
