@@ -3,7 +3,8 @@
 # them before reading the socket. Messages sent before `welcome` are held and
 # published right after the member's join, in order. Checked with the request
 # kept (access log at close) and freed after the upgrade (access log at
-# upgrade), which also frees nginx's header buffer.
+# upgrade), which also frees nginx's header buffer; and once more as the
+# second request of a keepalive connection.
 use strict;
 use warnings;
 use FindBin;
@@ -66,6 +67,32 @@ for my $mode (qw(close upgrade)) {
               "$mode: the other member received them too");
 
     close $s;
+
+    # The handshake as the second request of a keepalive connection whose
+    # first request needed a large header buffer: nginx has recycled its
+    # buffers by then, and the session (which may free them) starts cleanly.
+    my $k = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp')
+        or die "connect: $!";
+    syswrite($k, "GET /other HTTP/1.1\r\nHost: x\r\nCookie: k=" . ('c' x 3000) . "\r\n\r\n");
+    my $ksel = IO::Select->new($k);
+    my $kbuf = '';
+    $deadline = time + 5;
+    while ($kbuf !~ m{</html>} && time < $deadline) {
+        last unless $ksel->can_read($deadline - time);
+        sysread($k, $kbuf, 65536, length $kbuf) or last;
+    }
+    like($kbuf, qr{\AHTTP/1\.1 404}, "$mode: a keepalive request first");
+    my ($kreq) = WSClient::handshake_request(port => $port, path => '/ws?room=pre&nick=again');
+    syswrite($k, $kreq . WSClient->frame_bytes(opcode => 1, payload => 'after keepalive'));
+    $kbuf = '';
+    $deadline = time + 5;
+    while ($kbuf !~ /after keepalive/ && time < $deadline) {
+        last unless $ksel->can_read($deadline - time);
+        sysread($k, $kbuf, 65536, length $kbuf) or last;
+    }
+    like($kbuf, qr{\AHTTP/1\.1 101}, "$mode: then the handshake on the same connection");
+    like($kbuf, qr/after keepalive/, "$mode: and its message comes back");
+    close $k;
     $nginx->stop;
 }
 
