@@ -388,6 +388,10 @@ unsafe extern "C" fn free_session(data: *mut c_void) {
 /// the request while the request lives, so the session moves there only
 /// once the request is freed.
 trait Locate {
+    /// Whether the session may still hold its request: only then is there
+    /// a request to free on a write event.
+    const HOLDS_REQUEST: bool;
+
     /// # Safety
     /// `c` must be a connection taken over by `Session::start`.
     unsafe fn session(c: *mut ngx_connection_t) -> *mut Session;
@@ -399,6 +403,8 @@ struct ViaRequest;
 struct ViaConnection;
 
 impl Locate for ViaRequest {
+    const HOLDS_REQUEST: bool = true;
+
     unsafe fn session(c: *mut ngx_connection_t) -> *mut Session {
         // SAFETY: while the session holds the request, c->data is it.
         unsafe {
@@ -409,6 +415,8 @@ impl Locate for ViaRequest {
 }
 
 impl Locate for ViaConnection {
+    const HOLDS_REQUEST: bool = false;
+
     unsafe fn session(c: *mut ngx_connection_t) -> *mut Session {
         // SAFETY: `release_request` stored the session in c->data.
         unsafe { (*c).data.cast::<Session>() }
@@ -457,7 +465,7 @@ unsafe extern "C" fn on_write<L: Locate>(ev: *mut ngx_event_t) {
     let s = unsafe { session_of::<L>(ev) };
     // SAFETY: the session is live until `finish`.
     unsafe {
-        if (*s).conf.access_log() == LogAt::Upgrade {
+        if L::HOLDS_REQUEST && (*s).conf.access_log() == LogAt::Upgrade {
             release_request(s);
         }
         if (*ev).timedout() != 0 {
