@@ -56,10 +56,17 @@ sub chat_ok {
 
 # --- a wrong password
 {
+    # The refusals this block provokes: each connection's AUTH is refused
+    # (with Redis' reason) and the link drops it and retries.
+    my $at = qr/websocket_chat: Redis redis:\/\/:\*\*\*\@127\.0\.0\.1:$rport/;
     my $nginx = start_nginx_ok('nginx starts with redis://:wrong@127.0.0.1:PORT',
         chat_config(workers => 1, redis => 'redis://:wrong@127.0.0.1:%%REDIS_PORT%%',
                     http => 'websocket_chat_redis_timeout 1s;'),
-        redis => $redis);
+        redis => $redis,
+        allow_errors => [
+            qr/\[error\] \d+#\d+: $at refused the (?:subscriber|command) connection's AUTH\/SELECT: .*(?:WRONGPASS|invalid password|invalid username-password)/,
+            qr/\[error\] \d+#\d+: websocket_chat: (?:subscriber|command) connection to Redis redis:\/\/:\*\*\*\@127\.0\.0\.1:$rport lost: command refused; retrying in \d+ ms$/,
+        ]);
     my $auth0 = auth_calls();
     my $c = eval { WSClient->connect(port => $nginx->port, path => '/ws?room=auth&nick=carl') };
     ok($c, 'wrong password: the WebSocket handshake succeeds (101)') or diag($@);

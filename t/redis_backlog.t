@@ -17,10 +17,13 @@ my $ROOM = 'backlog';
 my $MAX  = 20;    # bound on the messages sent while waiting for the refusal
 
 my $redis = start_redis();
+my $rport = $redis->port;
+# The outage below (redis-server stopped) drops both connections of the link.
 my $nginx = start_nginx_ok('nginx starts with websocket_chat_redis_backlog 1k',
     chat_config(workers => 1,
                 http => "websocket_chat_redis_timeout 1s;\n    websocket_chat_redis_backlog 1k;"),
-    redis => $redis);
+    redis => $redis,
+    allow_errors => [qr/\[error\] \d+#\d+: websocket_chat: (?:subscriber|command) connection to Redis 127\.0\.0\.1:$rport lost: connection closed; retrying in \d+ ms$/]);
 my $port = $nginx->port;
 
 my $alice = WSClient->join(port => $port, room => $ROOM, nick => 'alice');

@@ -51,22 +51,24 @@ sub fake_redis {
 
 sub accepts { my $f = shift; open my $h, '<', $f or return 0; my @l = <$h>; scalar @l }
 
-for my $case (['garbage' => "\@\@\@ not RESP\r\n"],
-              ['oversized bulk' => "\$999999999\r\nxxxx"]) {
-    my ($name, $reply) = @$case;
+# Each case: the fake's reply, and the reason the link gives for dropping
+# the subscriber connection (the one that sends SUBSCRIBE and gets the reply).
+for my $case (['garbage' => "\@\@\@ not RESP\r\n", qr/unknown RESP type byte 0x40/],
+              ['oversized bulk' => "\$999999999\r\nxxxx", qr/RESP value exceeds the configured limits/]) {
+    my ($name, $reply, $reason) = @$case;
     my $log = tempdir(CLEANUP => 1) . '/accepts.log';
     my ($port, $fake) = fake_redis($reply, $log);
 
     my $nginx = start_nginx(chat_config(redis => "127.0.0.1:$port",
-                                        http => "    websocket_chat_redis_timeout 1s;\n"));
+                                        http => "    websocket_chat_redis_timeout 1s;\n"),
+        allow_errors => [qr/\[error\] \d+#\d+: websocket_chat: subscriber connection to Redis 127\.0\.0\.1:$port lost: malformed reply: $reason; retrying in \d+ ms$/]);
     my $c = WSClient->connect(port => $nginx->port, path => '/ws?room=r&nick=n');
     my $notice = $c->wait_for(sub { ($_[0]{code} // '') eq 'redis_unavailable' }, 5);
     ok($notice, "$name: the client is told Redis is unavailable");
 
     # The link keeps reconnecting, with backoff: more than one connection,
     # and not a busy loop.
-    my $deadline = time + 5;
-    sleep 0.05 while accepts($log) < 4 && time < $deadline;
+    wait_until(sub { accepts($log) >= 4 }, 5);
     my $n = accepts($log);
     cmp_ok($n, '>=', 4, "$name: the link reconnects after dropping the connection");
     cmp_ok($n, '<', 60, "$name: ... with backoff, not in a loop ($n connections)");

@@ -38,7 +38,9 @@ my $JSON = JSON::PP->new->utf8;
 # error-log check with expected lines
 #
 # ChatTest::Nginx::stop fails the file on any [alert]/[crit]/[emerg] or
-# "exited on signal" line, through its _log_problems method. A test that
+# "exited on signal" line, and on [error] lines not excused by the
+# instance's allow_errors patterns, through its _log_problems method. Expected
+# [error] lines are declared with ChatTest's allow_errors. A test that
 # kills a worker on purpose declares the one line that kill causes: the
 # nginx object is re-blessed into ChatFault::Nginx, whose _log_problems drops
 # lines matching one of the declared patterns and keeps everything else.

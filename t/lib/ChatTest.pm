@@ -39,11 +39,28 @@ package ChatTest;
 #   a redis object (redis => $r) or REDIS_PORT is passed. An unknown variable
 #   is a fatal error. Lower-case keys passed to start_nginx are options.
 # * start_nginx options: redis => $redis_object (sets REDIS_PORT),
-#   workers => N (also wait until N workers run), no_module => 1.
+#   workers => N (also wait until N workers run), no_module => 1,
+#   allow_errors => [qr/.../, ...] (see the error-log check below).
 #   Objects: port, pid, worker_pids, child_pids, reload, stop,
-#   error_log_text, access_log_text, prefix, conf_path.
+#   error_log_text, access_log_text, prefix, conf_path, allow_errors.
 #   start_nginx_ok($name, $template, ...) is start_nginx as a test: a
 #   failure to start is a failed test (with nginx's output) that ends the file.
+# * Error-log check: stop() records a test that the error log holds no
+#   problem line. A problem is any [alert], [crit] or [emerg] line, any
+#   "exited on signal" line, and any [error] line that matches none of the
+#   instance's allowed patterns. [warn], [notice] and [info] lines are never
+#   problems. A test that provokes [error] lines on purpose (a Redis outage,
+#   an AUTH refusal, a malformed reply, ...) declares them, as narrowly as
+#   it can, per nginx instance:
+#       my $n = start_nginx($t, redis => $r, allow_errors => [
+#           qr/\[error\] .* connection to Redis \S+:$port lost: connection closed;/]);
+#       $n->allow_errors(qr/refused the \w+ connection's AUTH/, ...);  # later
+#   Patterns are qr// objects, each matched (unanchored) against every
+#   line of the log; anything else (a plain string, say) dies. They only
+#   excuse [error] lines (alert/crit/emerg/signal lines cannot be allowed
+#   here; ChatFault::allow_log_lines is the tool for a deliberate kill).
+#   Allowed lines are reported with note(). An unexpected [error] line fails
+#   the test: it is either a bug or a line the test must declare.
 # * proc_rss_kb($pid): VmRSS of a process in kB.
 # * start_redis(port => P, requirepass => PW, args => [...]) objects: port,
 #   cmd(@args) (dies on error replies; cmd_raw returns them as objects),
@@ -619,8 +636,12 @@ sub start_nginx {
     my ($template, @rest) = @_;
     my ($vars, $opts) = _split_args(@rest);
     my ($prefix, $v) = _prepare_prefix($template, $vars, $opts);
+    my $allow = delete $opts->{allow_errors} // [];
+    die "start_nginx: allow_errors must be an array reference of qr// patterns\n"
+        unless ref $allow eq 'ARRAY';
     my $self = bless { prefix => $prefix, vars => $v, port => $v->{PORT},
-                       opts => $opts }, 'ChatTest::Nginx';
+                       opts => $opts, allow_errors => [] }, 'ChatTest::Nginx';
+    $self->allow_errors(@$allow);
     $self->{pid} = _spawn("$prefix/logs/stderr.log", _nginx_argv($prefix));
     push @NGINX, $self;
 
@@ -701,10 +722,39 @@ sub reload {
     return $self->worker_pids;
 }
 
+# Add qr// patterns to this instance's allow-list of expected [error] lines
+# (see the header). Returns the object.
+sub allow_errors {
+    my ($self, @patterns) = @_;
+    for my $re (@patterns) {
+        die "allow_errors: not a qr// pattern: " . ($re // 'undef') . "\n"
+            unless ref $re eq 'Regexp';
+    }
+    push @{ $self->{allow_errors} }, @patterns;
+    return $self;
+}
+
+# Error-log lines that fail the stop-time check: alert/crit/emerg, a process
+# that exited on a signal, and [error] lines not matching an allowed pattern.
 sub _log_problems {
     my $self = shift;
-    return grep { /\[(?:alert|crit|emerg)\]/ || /exited on signal/ }
-        split /\n/, $self->error_log_text;
+    my @allow = @{ $self->{allow_errors} // [] };
+    my (@bad, @allowed);
+    for my $l (split /\n/, $self->error_log_text) {
+        if ($l =~ /\[(?:alert|crit|emerg)\]/ || $l =~ /exited on signal/) {
+            push @bad, $l;
+        } elsif ($l =~ /\[error\]/) {
+            if (grep { $l =~ $_ } @allow) { push @allowed, $l }
+            else { push @bad, $l }
+        }
+    }
+    if (@allowed) {
+        my $max = 5;
+        Test::More::note("nginx on port $self->{port}: " . scalar(@allowed)
+            . " allowed [error] line(s)" . (@allowed > $max ? ", first $max" : '') . ":\n"
+            . join("\n", @allowed[0 .. ($#allowed < $max - 1 ? $#allowed : $max - 1)]));
+    }
+    return @bad;
 }
 
 # Graceful stop: QUIT, wait up to 10s, then KILL (master and its children).
@@ -738,7 +788,8 @@ sub stop {
     }
     Test::More::ok($graceful, "$name exited within 10s after QUIT")
         or Test::More::diag("children still present: @{[ $self->child_pids ]}");
-    Test::More::ok(!@bad, "$name error log has no alert/crit/emerg/signal lines")
+    Test::More::ok(!@bad, "$name error log has no alert/crit/emerg/signal lines "
+                        . "and no unexpected [error] lines")
         or Test::More::diag(join "\n", @bad);
 }
 
