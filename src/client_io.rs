@@ -10,7 +10,7 @@ use ngx::ffi::{ngx_connection_t, NGX_AGAIN, NGX_ERROR};
 
 use wschat_core::frame_guard::{FrameGuard, Violation};
 
-use crate::send_queue::SendQueue;
+use crate::send_queue::{Limit, SendQueue};
 
 pub struct ClientIo {
     c: *mut ngx_connection_t,
@@ -22,7 +22,7 @@ pub struct ClientIo {
 }
 
 impl ClientIo {
-    pub fn new(c: *mut ngx_connection_t, send_limit: usize, max_message: usize) -> Self {
+    pub fn new(c: *mut ngx_connection_t, send_limit: Limit, max_message: usize) -> Self {
         ClientIo {
             c,
             queue: SendQueue::new(send_limit),
@@ -72,15 +72,16 @@ impl ClientIo {
     }
 
     /// Reads and drops whatever the client sends (after our close frame):
-    /// `Ok` when the socket has nothing more for now, `Err` once the client
-    /// has closed or the connection failed.
-    pub fn discard_input(&mut self) -> io::Result<()> {
+    /// `Ok` with the bytes dropped when the socket has nothing more for now,
+    /// `Err` once the client has closed or the connection failed.
+    pub fn discard_input(&mut self) -> io::Result<usize> {
         let mut scratch = [0u8; 1024];
+        let mut dropped = 0;
         loop {
             match self.recv(&mut scratch) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(n) => dropped += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(dropped),
                 Err(e) => return Err(e),
             }
         }
@@ -105,7 +106,7 @@ impl Read for ClientIo {
 impl Write for ClientIo {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.queue
-            .push(Rc::from(buf))
+            .push(Rc::from(buf), crate::time::now_ms())
             .map_err(|_| io::Error::other(SlowConsumer))?;
         Ok(buf.len())
     }

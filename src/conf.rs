@@ -18,6 +18,7 @@ use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
 use wschat_core::rate::Limit;
 use wschat_core::redis_addr::{self, RedisAddr};
+use wschat_core::send_queue::Limit as QueueLimit;
 
 use crate::{conf_error, handler, module};
 
@@ -25,6 +26,11 @@ use crate::{conf_error, handler, module};
 const DEFAULT_REDIS: &str = "127.0.0.1:6379";
 const DEFAULT_MAX_MESSAGE: usize = 64 * 1024;
 const DEFAULT_SEND_BUFFER: usize = 256 * 1024;
+/// Bytes over `websocket_chat_send_buffer` a client may hold for a while.
+const DEFAULT_SEND_BURST: usize = 1024 * 1024;
+/// How long a client may stay over `websocket_chat_send_buffer`.
+const SEND_GRACE_MS: u64 = 5_000;
+const DEFAULT_CHANNEL_PREFIX: &str = "wschat:";
 const DEFAULT_PING_INTERVAL: ngx_msec_t = 30_000;
 const DEFAULT_IDLE_TIMEOUT: ngx_msec_t = 60_000;
 const DEFAULT_REDIS_TIMEOUT: ngx_msec_t = 5_000;
@@ -97,7 +103,8 @@ pub struct LocConf {
     room: Option<ptr::NonNull<ngx_http_complex_value_t>>,
     user: Option<ptr::NonNull<ngx_http_complex_value_t>>,
     max_message: Option<usize>,
-    send_buffer: Option<usize>,
+    send_buffer: Option<SendLimit>,
+    channel_prefix: Option<Box<str>>,
     ping_interval: Option<ngx_msec_t>,
     idle_timeout: Option<ngx_msec_t>,
     /// Where the heartbeat was configured in this block, for errors found
@@ -107,6 +114,13 @@ pub struct LocConf {
     origins: Option<Origins>,
     presence: Option<bool>,
     access_log: Option<LogAt>,
+}
+
+/// `websocket_chat_send_buffer size [burst=size]`.
+#[derive(Clone, Copy)]
+struct SendLimit {
+    size: usize,
+    burst: usize,
 }
 
 /// When nginx writes a session's access-log line.
@@ -140,8 +154,24 @@ impl LocConf {
         self.max_message.unwrap_or(DEFAULT_MAX_MESSAGE)
     }
 
-    pub fn send_buffer(&self) -> usize {
-        self.send_buffer.unwrap_or(DEFAULT_SEND_BUFFER)
+    /// What may wait for one client before it counts as a slow consumer.
+    pub fn send_limit(&self) -> QueueLimit {
+        let SendLimit { size, burst } = self.send_buffer.unwrap_or(SendLimit {
+            size: DEFAULT_SEND_BUFFER,
+            burst: DEFAULT_SEND_BURST,
+        });
+        QueueLimit {
+            soft: size,
+            burst,
+            grace_ms: SEND_GRACE_MS,
+        }
+    }
+
+    /// Room `r` travels on Redis channel `<prefix>r`.
+    pub fn channel_prefix(&self) -> &str {
+        self.channel_prefix
+            .as_deref()
+            .unwrap_or(DEFAULT_CHANNEL_PREFIX)
     }
 
     pub fn ping_interval(&self) -> ngx_msec_t {
@@ -224,7 +254,7 @@ const fn main_directive(name: ngx_str_t, set: Setter) -> ngx_command_t {
     }
 }
 
-pub static mut COMMANDS: [ngx_command_t; 15] = [
+pub static mut COMMANDS: [ngx_command_t; 16] = [
     ngx_command_t {
         name: ngx_string!("websocket_chat"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
@@ -247,8 +277,13 @@ pub static mut COMMANDS: [ngx_command_t; 15] = [
     ),
     directive(
         ngx_string!("websocket_chat_send_buffer"),
-        NGX_CONF_TAKE1,
+        NGX_CONF_TAKE12,
         set_send_buffer,
+    ),
+    directive(
+        ngx_string!("websocket_chat_channel_prefix"),
+        NGX_CONF_TAKE1,
+        set_channel_prefix,
     ),
     directive(
         ngx_string!("websocket_chat_ping_interval"),
@@ -315,6 +350,9 @@ pub extern "C" fn merge_loc_conf(
     conf.user = conf.user.or(prev.user);
     conf.max_message = conf.max_message.or(prev.max_message);
     conf.send_buffer = conf.send_buffer.or(prev.send_buffer);
+    if conf.channel_prefix.is_none() {
+        conf.channel_prefix = prev.channel_prefix.clone();
+    }
     conf.ping_interval = conf.ping_interval.or(prev.ping_interval);
     conf.idle_timeout = conf.idle_timeout.or(prev.idle_timeout);
     conf.rate = conf.rate.or(prev.rate);
@@ -485,7 +523,38 @@ extern "C" fn set_send_buffer(
     conf: *mut c_void,
 ) -> *mut c_char {
     set_once(cf, &mut loc_conf_mut(conf).send_buffer, |args| {
-        size_in(&args[0], 1024..=usize::MAX, "invalid size (at least 1k)")
+        let size = size_in(&args[0], 1024..=usize::MAX, "invalid size (at least 1k)")?;
+        let burst = match args.get(1) {
+            None => DEFAULT_SEND_BURST,
+            Some(arg) => {
+                let value = arg
+                    .as_bytes()
+                    .strip_prefix(b"burst=")
+                    .ok_or(ConfError::Invalid("invalid parameter"))?;
+                let value = ngx_str_t {
+                    len: value.len(),
+                    data: value.as_ptr().cast_mut(),
+                };
+                size_in(&value, 0..=usize::MAX, "invalid burst size")?
+            }
+        };
+        Ok(SendLimit { size, burst })
+    })
+}
+
+extern "C" fn set_channel_prefix(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).channel_prefix, |args| {
+        // Channel names go into Redis commands and log lines as they are.
+        match args[0].to_str() {
+            Ok(p) if !p.is_empty() && !p.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                Ok(p.into())
+            }
+            _ => Err(ConfError::Invalid("invalid channel prefix")),
+        }
     })
 }
 

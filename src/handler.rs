@@ -4,17 +4,17 @@
 use core::ptr;
 
 use ngx::ffi::{
-    ngx_http_complex_value, ngx_http_complex_value_t, ngx_http_request_t, ngx_http_send_header,
-    ngx_http_send_special, ngx_int_t, ngx_str_t, ngx_tcp_nodelay, NGX_DECLINED, NGX_DONE,
-    NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FLUSH, NGX_HTTP_INTERNAL_SERVER_ERROR,
-    NGX_HTTP_SWITCHING_PROTOCOLS, NGX_LOG_INFO, NGX_OK,
+    ngx_exiting, ngx_http_complex_value, ngx_http_complex_value_t, ngx_http_request_t,
+    ngx_http_send_header, ngx_http_send_special, ngx_int_t, ngx_str_t, ngx_tcp_nodelay,
+    NGX_DECLINED, NGX_DONE, NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FLUSH,
+    NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_SWITCHING_PROTOCOLS,
+    NGX_LOG_INFO, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule, Request};
 use ngx::ngx_log_error;
 
 use crate::conf::{self, LocConf, Origins};
-use crate::session::Session;
-use crate::worker;
+use crate::{ids, worker};
 use wschat_core::handshake::{self, Rejection};
 use wschat_core::names;
 
@@ -66,10 +66,18 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
             return NGX_HTTP_BAD_REQUEST as ngx_int_t;
         }
     };
-    let user = names::user(&evaluate(req, lc.user()), worker::random());
-    let Some(link) = worker::link(main, lc.redis()) else {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-    };
+    let user = names::user(&evaluate(req, lc.user()), ids::random());
+    // SAFETY: nginx's flag, read on its own thread.
+    if unsafe { ngx_exiting } != 0 {
+        // A session started now would outlive the shutdown's visit of idle
+        // connections: the client is better off trying a new worker.
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            log,
+            "websocket_chat: handshake refused: worker is shutting down"
+        );
+        return NGX_HTTP_SERVICE_UNAVAILABLE as ngx_int_t;
+    }
 
     if let Err(rc) = send_switching_protocols(req, &accept) {
         return rc;
@@ -84,7 +92,7 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
     unsafe {
         let main_req = &mut *req.main;
         main_req.set_count(main_req.count() + 1);
-        if Session::start(r, lc, link, room, user, preread).is_err() {
+        if worker::start_session(r, main, lc, room, user, preread).is_err() {
             // No session took the reference: give it back so that nginx's
             // finalization frees the request.
             main_req.set_count(main_req.count() - 1);

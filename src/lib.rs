@@ -4,7 +4,9 @@
 //! Where a message goes, file by file:
 //! `handler` (handshake, 101) → `session` (frames in and out, over `client_io`)
 //! → `redis_link` (PUBLISH on the command connection) → Redis → `redis_link`
-//! (subscriber connection) → `room` registry → every local `session`.
+//! (subscriber connection, reported as an event) → `rooms` (the room's
+//! members, one shared frame) → every local `session` → `send_queue`.
+//! `worker` holds all of it and is where nginx's event handlers come in.
 
 use core::ffi::{c_char, c_void};
 use core::ptr;
@@ -17,8 +19,10 @@ use ngx::ffi::{
 mod client_io;
 mod conf;
 mod handler;
+mod ids;
 mod peer;
 mod redis_link;
+mod rooms;
 mod send_queue;
 mod session;
 mod time;

@@ -9,10 +9,10 @@ use std::io;
 use ngx::ffi::{
     ngx_close_connection, ngx_connection_t, ngx_event_connect_peer, ngx_event_get_peer,
     ngx_event_handler_pt, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event, ngx_log_t,
-    ngx_peer_connection_t, ngx_str_t, sockaddr, NGX_AGAIN, NGX_ERROR, NGX_OK,
+    ngx_peer_connection_t, ngx_str_t, sockaddr, NGX_AGAIN, NGX_OK,
 };
 
-use crate::send_queue::{FlushTo, Flushed, SendFailed, SendQueue};
+use crate::send_queue::{FlushTo, Flushed, Limit, SendFailed, SendQueue};
 
 /// How much to read from Redis per `recv` call.
 const READ_CHUNK: usize = 16 * 1024;
@@ -58,7 +58,7 @@ impl PeerConn {
             // keeps per-connection fields from leaking into the cycle's log.
             log: unsafe { ptr::read(log) },
             state: State::Down,
-            queue: SendQueue::new(backlog),
+            queue: SendQueue::new(Limit::strict(backlog)),
             inbuf: Vec::new(),
             // SAFETY: an all-zero event is an idle, unarmed one; arm_retry
             // fills in what nginx needs before it is used.
@@ -118,27 +118,41 @@ impl PeerConn {
         self.state
     }
 
-    /// Appends whatever the socket has to `inbuf`, up to `limit` bytes held.
-    pub fn read(&mut self, limit: usize) -> ReadOutcome {
+    /// Appends what the socket has to `inbuf`, at most `budget` bytes. When
+    /// the budget runs out first, the read event is posted so that the rest
+    /// is read on the next turn: with edge-triggered events nothing else
+    /// would say that bytes are still waiting.
+    pub fn read(&mut self, budget: usize) -> ReadOutcome {
         let Some(c) = self.connection() else {
             return ReadOutcome::Closed;
         };
+        let mut taken = 0;
         loop {
-            if self.inbuf.len() >= limit {
+            if taken >= budget {
+                // SAFETY: c is live; ngx_posted_events is the worker's queue.
+                unsafe {
+                    ngx::ffi::ngx_post_event(
+                        (*c).read,
+                        ptr::addr_of_mut!(ngx::ffi::ngx_posted_events),
+                    )
+                };
                 return ReadOutcome::Data;
             }
             // Read into spare capacity: zero-filling 16 KB per read showed up
             // as the largest cost of a delivery under callgrind.
             self.inbuf.reserve(READ_CHUNK);
             let spare = self.inbuf.spare_capacity_mut();
-            // SAFETY: c is live; recv writes at most spare.len() bytes.
+            let want = spare.len().min(budget - taken);
+            // SAFETY: c is live; recv writes at most `want` <= spare.len() bytes.
             let n = unsafe {
                 let recv = (*c).recv.expect("connections always have recv");
-                recv(c, spare.as_mut_ptr().cast(), spare.len())
+                recv(c, spare.as_mut_ptr().cast(), want)
             };
             if n > 0 {
+                taken += n as usize;
                 // SAFETY: recv initialised the first n bytes of the spare room.
                 unsafe { self.inbuf.set_len(self.inbuf.len() + n as usize) };
+                continue;
             }
             if n == NGX_AGAIN as isize {
                 // SAFETY: c is live; re-arms the read event where needed.
@@ -147,9 +161,7 @@ impl PeerConn {
                 }
                 return ReadOutcome::Data;
             }
-            if n <= 0 || n == NGX_ERROR as isize {
-                return ReadOutcome::Closed;
-            }
+            return ReadOutcome::Closed;
         }
     }
 

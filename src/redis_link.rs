@@ -1,37 +1,31 @@
-//! One worker's bridge to one Redis server: a subscriber connection that
-//! follows the rooms with local members, and a command connection that
-//! carries pipelined PUBLISHes. Messages come back through the subscription
-//! and are handed, as one shared frame, to every local member.
+//! One worker's transport to one Redis server: a subscriber connection that
+//! follows the channels it is asked to follow, and a command connection that
+//! carries pipelined PUBLISHes. It knows channels and replies, not sessions:
+//! what happens on the wire (a message, a subscription confirmed or refused,
+//! an outage) is queued as an [`Event`] for the rooms layer to take after
+//! each call, so nothing here calls back into its callers.
 //!
-//! When Redis goes away the sessions stay open: members are told, PUBLISHes
-//! wait in a bounded backlog, and both connections come back with capped
-//! exponential backoff. The backlog is held until every room is subscribed
-//! again, so that members see what was sent during the outage.
+//! When Redis goes away the link keeps what it was asked for: PUBLISHes wait
+//! in a bounded backlog, both connections come back with capped exponential
+//! backoff, and every wanted channel is subscribed again. The backlog is held
+//! until then, so that local members see what was sent during the outage.
 
 use core::ffi::c_void;
-use core::ptr::NonNull;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use ngx::ffi::{
-    ngx_connection_t, ngx_current_msec, ngx_event_t, ngx_log_t, ngx_msec_t, NGX_LOG_ERR,
-    NGX_LOG_INFO, NGX_LOG_WARN,
+    ngx_current_msec, ngx_event_handler_pt, ngx_log_t, ngx_msec_t, NGX_LOG_ERR, NGX_LOG_INFO,
+    NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 use redis::Value;
 use wschat_core::backoff::Backoff;
-use wschat_core::envelope::{self, Status};
-use wschat_core::frame;
 use wschat_core::resp::{self, Limits};
-use wschat_core::room::Registry;
 
 use crate::conf::{Endpoint, MainConf};
+use crate::ids;
 use crate::peer::{PeerConn, ReadOutcome, State};
-use crate::session::Session;
-use crate::{time, worker};
-
-/// Room `r` travels on channel `wschat:r`.
-const CHANNEL_PREFIX: &str = "wschat:";
 
 /// What the link accepts from Redis: nothing larger than a chat message can
 /// legitimately arrive, so anything much larger is a broken or hostile server.
@@ -41,20 +35,64 @@ const REPLY_LIMITS: Limits = Limits {
     max_depth: 4,
 };
 
+/// Bytes read from one connection per event-loop turn: enough for many
+/// messages, small enough that one busy link cannot starve the worker's
+/// clients. What is left is read on the next turn.
+const READ_BUDGET: usize = 256 * 1024;
+
 #[derive(Debug)]
 pub struct BacklogFull;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
+/// Who asked for a command, opaque to the link and handed back with the
+/// command's failure.
+pub type Tag = u64;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
     Sub,
     Cmd,
 }
 
-/// Where a room's subscription stands on the subscriber connection. Only one
-/// SUBSCRIBE or UNSUBSCRIBE per room is in flight at a time, so every reply
-/// names the command it answers.
+/// Why nginx called: the connection's read or write event, its timer, or
+/// the reconnect timer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Wake {
+    Read,
+    Write,
+    Timer,
+    Retry,
+}
+
+/// The event handlers nginx is to call for a link's connections, indexed by
+/// `Role as usize`. The link's `token` is what they find in `c->data`.
+pub struct Handlers {
+    pub read: [ngx_event_handler_pt; 2],
+    pub write: [ngx_event_handler_pt; 2],
+    pub retry: [ngx_event_handler_pt; 2],
+}
+
+/// What happened on the wire, for the rooms layer.
+pub enum Event {
+    /// A message published to a followed channel.
+    Message { channel: Vec<u8>, payload: Vec<u8> },
+    /// The channel is live: from now on every message on it arrives.
+    Subscribed(Box<str>),
+    /// Redis refused to subscribe the channel (e.g. an ACL); the link has
+    /// logged why and forgotten the channel.
+    SubscribeRefused(Box<str>),
+    /// Redis refused a PUBLISH (the link has logged why).
+    PublishRefused(Tag),
+    /// Delivery stopped: a connection is down or not yet following every
+    /// channel.
+    Outage,
+    /// Delivery resumed after an `Outage`.
+    Recovered,
+}
+
+/// Where a channel's subscription stands on the subscriber connection. Only
+/// one SUBSCRIBE or UNSUBSCRIBE per channel is in flight at a time.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Channel {
+enum Wire {
     Subscribing,
     /// Subscribing again after a reconnect: the backlog waits for these.
     Resubscribing,
@@ -62,13 +100,20 @@ enum Channel {
     Unsubscribing,
 }
 
-/// What a reply asks of the reader.
-enum Next {
-    Continue,
-    Reset,
+struct Channel {
+    /// The rooms layer wants it followed (it has local members).
+    wanted: bool,
+    /// `None`: not subscribed, nothing in flight.
+    wire: Option<Wire>,
 }
 
-pub type Member = NonNull<Session>;
+/// A command sent (or queued) that Redis owes a reply for, in order.
+enum Pending {
+    Subscribe(Box<str>),
+    Unsubscribe(Box<str>),
+    Ping,
+    Publish(Tag),
+}
 
 fn now() -> ngx_msec_t {
     // SAFETY: nginx's cached clock, read on its own thread.
@@ -84,8 +129,8 @@ struct Conn {
     /// The AUTH / SELECT chunk put ahead of a backlog, so that a connection
     /// dropping before sending it does not leave it behind for the next one.
     setup_chunk: Option<Rc<[u8]>>,
-    /// Replies owed for commands queued or sent (setup aside).
-    owed: usize,
+    /// Replies owed for commands queued or sent (setup aside), in order.
+    pending: VecDeque<Pending>,
     /// Since when Redis has owed a reply for something already sent and
     /// said nothing.
     waiting_since: Option<ngx_msec_t>,
@@ -98,14 +143,14 @@ impl Conn {
             backoff: Backoff::default(),
             setup_pending: 0,
             setup_chunk: None,
-            owed: 0,
+            pending: VecDeque::new(),
             waiting_since: None,
         }
     }
 
     /// Replies owed for commands that have left (queued ones owe nothing yet).
     fn in_flight(&self) -> usize {
-        (self.owed + self.setup_pending).saturating_sub(self.peer.queue.chunk_count())
+        (self.pending.len() + self.setup_pending).saturating_sub(self.peer.queue.chunk_count())
     }
 
     /// Something arrived from Redis: the wait for replies starts over.
@@ -113,11 +158,20 @@ impl Conn {
         self.waiting_since = (self.in_flight() > 0).then(now);
     }
 
-    fn queue_command(&mut self, cmd: Rc<[u8]>) -> Result<(), BacklogFull> {
-        self.peer.queue.push(cmd).map_err(|_| BacklogFull)?;
-        self.owed += 1;
+    fn queue_command(&mut self, cmd: Rc<[u8]>, pending: Pending) -> Result<(), BacklogFull> {
+        self.peer.queue.push(cmd, 0).map_err(|_| BacklogFull)?;
+        self.pending.push_back(pending);
         self.peer.schedule_flush();
         Ok(())
+    }
+
+    /// Drops the AUTH / SELECT chunk if it is still queued, whole or in part.
+    fn drop_setup(&mut self) {
+        if let Some(setup) = self.setup_chunk.take() {
+            if self.peer.queue.front_is(&setup) && !self.peer.queue.drop_partial_front() {
+                self.peer.queue.remove_front_if(&setup);
+            }
+        }
     }
 }
 
@@ -126,24 +180,21 @@ pub struct Link {
     log: *mut ngx_log_t,
     display: String,
     timeout: ngx_msec_t,
+    /// What the event handlers find in `c->data`: the link's index.
+    token: usize,
+    handlers: &'static Handlers,
     started: bool,
     sub: Conn,
     cmd: Conn,
-    /// Members have been told Redis is unavailable and not yet that it is back.
+    /// An `Outage` has been reported and no `Recovered` since.
     outage: bool,
-    /// Rooms being subscribed again after a reconnect.
+    /// Channels being subscribed again after a reconnect.
     resubscribing: usize,
-    rooms: Registry<Member>,
     channels: HashMap<Box<str>, Channel>,
     /// Reused for every reply: a fresh parser allocates and clears a buffer.
     parser: redis::Parser,
-}
-
-fn channel_of(room: &str) -> String {
-    let mut ch = String::with_capacity(CHANNEL_PREFIX.len() + room.len());
-    ch.push_str(CHANNEL_PREFIX);
-    ch.push_str(room);
-    ch
+    /// What happened since the rooms layer last looked.
+    events: Vec<Event>,
 }
 
 fn packed(args: &[&[u8]]) -> Rc<[u8]> {
@@ -154,11 +205,33 @@ fn packed(args: &[&[u8]]) -> Rc<[u8]> {
     Rc::from(cmd.get_packed_command())
 }
 
+/// A Redis error as Redis wrote it (`NOPERM this user has no ...`).
+fn error_text(err: &redis::ServerError) -> String {
+    match err.details() {
+        Some(details) => format!("{} {}", err.code(), details),
+        None => err.code().to_owned(),
+    }
+}
+
+/// The bulk string at the front of a reply's items, if that is what it is.
+fn next_bulk(items: &mut std::vec::IntoIter<Value>) -> Option<Vec<u8>> {
+    match items.next()? {
+        Value::BulkString(b) => Some(b),
+        _ => None,
+    }
+}
+
 impl Link {
-    pub fn new(endpoint: &'static Endpoint, main: &MainConf, log: *const ngx_log_t) -> Box<Link> {
+    pub fn new(
+        endpoint: &'static Endpoint,
+        main: &MainConf,
+        log: *const ngx_log_t,
+        token: usize,
+        handlers: &'static Handlers,
+    ) -> Box<Link> {
         let display = endpoint.addr.to_string();
-        // The subscriber queue holds at most one command per room with local
-        // members, so only the command connection's backlog needs a bound.
+        // The subscriber queue holds at most one command per channel, so
+        // only the command connection's backlog needs a bound.
         let sub = PeerConn::new(&endpoint.sockaddr, &display, log, usize::MAX);
         let cmd = PeerConn::new(&endpoint.sockaddr, &display, log, main.redis_backlog());
         Box::new(Link {
@@ -166,15 +239,33 @@ impl Link {
             log: log.cast_mut(),
             display,
             timeout: main.redis_timeout(),
+            token,
+            handlers,
             started: false,
             sub: Conn::new(sub),
             cmd: Conn::new(cmd),
             outage: false,
             resubscribing: 0,
-            rooms: Registry::new(),
             channels: HashMap::new(),
             parser: redis::Parser::new(),
+            events: Vec::new(),
         })
+    }
+
+    /// Takes what happened since the last call; `spare` (empty) keeps the
+    /// allocation for next time.
+    pub fn take_events(&mut self, spare: Vec<Event>) -> Vec<Event> {
+        std::mem::replace(&mut self.events, spare)
+    }
+
+    /// The worker's log, for lines about what the link carries.
+    pub fn log(&self) -> *mut ngx_log_t {
+        self.log
+    }
+
+    /// Whether delivery is interrupted (an `Outage` not yet `Recovered`).
+    pub fn in_outage(&self) -> bool {
+        self.outage
     }
 
     fn conn(&mut self, role: Role) -> &mut Conn {
@@ -191,6 +282,11 @@ impl Link {
         }
     }
 
+    fn data(&self) -> *mut c_void {
+        // The token is an index; c->data only carries it.
+        self.token as *mut c_void
+    }
+
     /// Connections open on first use, so workers that never see a chat
     /// client hold none.
     fn ensure_started(&mut self) {
@@ -202,16 +298,14 @@ impl Link {
     }
 
     fn connect(&mut self, role: Role) {
-        let data = (self as *mut Link).cast::<c_void>();
-        type Handler = unsafe extern "C" fn(*mut ngx_event_t);
-        let (read, write): (Handler, Handler) = match role {
-            Role::Sub => (on_read::<true>, on_write::<true>),
-            Role::Cmd => (on_read::<false>, on_write::<false>),
-        };
-        let timeout = self.timeout;
-        // SAFETY: a Link is boxed by the worker and never moves; handlers
-        // find it again through c->data.
-        match unsafe { self.conn(role).peer.connect(data, Some(read), Some(write)) } {
+        let (data, timeout) = (self.data(), self.timeout);
+        let (read, write) = (
+            self.handlers.read[role as usize],
+            self.handlers.write[role as usize],
+        );
+        // SAFETY: a Link is boxed by the worker and never moves while its
+        // connections exist; the handlers find it again by token.
+        match unsafe { self.conn(role).peer.connect(data, read, write) } {
             State::Up => self.on_up(role),
             State::Connecting => self.conn(role).peer.arm_timer(timeout),
             State::Down => self.on_down(role, "connect failed"),
@@ -239,11 +333,13 @@ impl Link {
         }
         conn.peer.arm_timer(timeout);
         if role == Role::Sub {
-            self.channels.clear();
-            let rooms: Vec<Box<str>> = self.rooms.rooms().map(Box::from).collect();
-            self.resubscribing = rooms.len();
-            for room in rooms {
-                self.send_sub(&room, Channel::Resubscribing);
+            let wanted: Vec<Box<str>> = (self.channels.iter())
+                .filter(|(_, c)| c.wanted)
+                .map(|(name, _)| name.clone())
+                .collect();
+            self.resubscribing = wanted.len();
+            for channel in wanted {
+                self.send_sub(&channel, Wire::Resubscribing);
             }
             if self.resubscribing == 0 {
                 self.on_resubscribed();
@@ -258,26 +354,27 @@ impl Link {
         let log = self.log;
         let conn = self.conn(role);
         let was_up = conn.peer.state == State::Up;
+        conn.drop_setup();
         conn.peer.close();
-        if let Some(setup) = conn.setup_chunk.take() {
-            conn.peer.queue.remove_front_if(&setup);
-        }
         conn.setup_pending = 0;
         conn.waiting_since = None;
         match role {
             Role::Sub => {
                 conn.peer.queue.clear();
-                conn.owed = 0;
-                self.channels.clear();
+                conn.pending.clear();
+                self.channels.retain(|_, c| c.wanted);
+                for c in self.channels.values_mut() {
+                    c.wire = None;
+                }
                 self.resubscribing = 0;
             }
             Role::Cmd => {
                 // A command cut in half cannot be resumed on a new connection;
                 // commands sent whole but not answered may or may not have run.
-                let partial = conn.peer.queue.drop_partial_front();
+                conn.peer.queue.drop_partial_front();
                 let waiting = conn.peer.queue.chunk_count();
-                let in_doubt = conn.owed.saturating_sub(waiting) + usize::from(partial);
-                conn.owed = waiting;
+                let in_doubt = conn.pending.len().saturating_sub(waiting);
+                conn.pending.drain(..in_doubt);
                 if in_doubt > 0 {
                     ngx_log_error!(
                         NGX_LOG_WARN,
@@ -290,7 +387,7 @@ impl Link {
             }
         }
         let level = if was_up { NGX_LOG_ERR } else { NGX_LOG_WARN };
-        let delay = self.conn(role).backoff.next_delay_ms(worker::random());
+        let delay = self.conn(role).backoff.next_delay_ms(ids::random());
         ngx_log_error!(
             level,
             log,
@@ -301,17 +398,13 @@ impl Link {
             why,
             delay
         );
-        let data = (self as *mut Link).cast::<c_void>();
-        let handler: unsafe extern "C" fn(*mut ngx_event_t) = match role {
-            Role::Sub => on_retry::<true>,
-            Role::Cmd => on_retry::<false>,
-        };
-        self.conn(role).peer.arm_retry(data, Some(handler), delay);
+        let (data, retry) = (self.data(), self.handlers.retry[role as usize]);
+        self.conn(role).peer.arm_retry(data, retry, delay);
         self.set_outage();
     }
 
-    /// PUBLISHes wait while the subscriber is not following every room, so
-    /// that local members receive what their own room sends.
+    /// PUBLISHes wait while the subscriber is not following every channel,
+    /// so that local members receive what their own room sends.
     fn may_publish(&self) -> bool {
         self.sub.peer.state == State::Up && self.sub.setup_pending == 0 && self.resubscribing == 0
     }
@@ -348,11 +441,7 @@ impl Link {
     fn set_outage(&mut self) {
         if !self.outage {
             self.outage = true;
-            self.notify_all(
-                Status::Error,
-                "redis_unavailable",
-                "chat delivery is interrupted; messages you send are kept and delivered when it is back",
-            );
+            self.events.push(Event::Outage);
         }
     }
 
@@ -365,111 +454,104 @@ impl Link {
                 "websocket_chat: Redis {} is available again",
                 self.display
             );
-            self.notify_all(Status::Notice, "redis_available", "chat delivery resumed");
+            self.events.push(Event::Recovered);
         }
     }
 
-    fn notify_all(&mut self, kind: Status, code: &str, message: &str) {
-        for room in self.rooms.rooms() {
-            for &m in self.rooms.members(room) {
-                // SAFETY: members are live sessions: each removes itself from
-                // the registry before it is freed.
-                unsafe { (*m.as_ptr()).notify(kind, code, message) };
-            }
-        }
-    }
-
-    fn send_sub(&mut self, room: &str, next: Channel) {
-        let verb: &[u8] = match next {
-            Channel::Unsubscribing => b"UNSUBSCRIBE",
-            _ => b"SUBSCRIBE",
+    fn send_sub(&mut self, channel: &str, next: Wire) {
+        let (verb, pending): (&[u8], _) = match next {
+            Wire::Unsubscribing => (b"UNSUBSCRIBE", Pending::Unsubscribe(channel.into())),
+            _ => (b"SUBSCRIBE", Pending::Subscribe(channel.into())),
         };
-        let channel = channel_of(room);
         // The subscriber queue is unbounded (see `new`).
-        let _ = self.sub.queue_command(packed(&[verb, channel.as_bytes()]));
-        self.channels.insert(room.into(), next);
+        let _ = self
+            .sub
+            .queue_command(packed(&[verb, channel.as_bytes()]), pending);
+        let wanted = next != Wire::Unsubscribing;
+        self.channels.insert(
+            channel.into(),
+            Channel {
+                wanted,
+                wire: Some(next),
+            },
+        );
     }
 
-    /// Adds a session to its room. The session is welcomed once the room's
-    /// subscription is live (at once if it already is).
-    pub fn join(&mut self, member: Member, room: &str) {
+    /// Follows a channel; true if it is live already (an `Event::Subscribed`
+    /// follows otherwise, or `SubscribeRefused`).
+    pub fn subscribe(&mut self, channel: &str) -> bool {
         self.ensure_started();
-        self.rooms.join(room, member);
-        if self.outage {
-            // SAFETY: the caller passes a live session.
-            unsafe {
-                (*member.as_ptr()).notify(
-                    Status::Error,
-                    "redis_unavailable",
-                    "chat delivery is interrupted; you will join when it is back",
-                )
-            };
-        }
-        if self.sub.peer.state != State::Up {
-            // on_up subscribes every room with members.
-            return;
-        }
-        match self.channels.get(room) {
-            None => self.send_sub(room, Channel::Subscribing),
-            Some(Channel::Live) => self.welcome(room, &[member]),
+        let sub_up = self.sub.peer.state == State::Up;
+        let entry = (self.channels.entry(channel.into())).or_insert(Channel {
+            wanted: true,
+            wire: None,
+        });
+        entry.wanted = true;
+        match entry.wire {
+            Some(Wire::Live) => true,
+            // on_up subscribes every wanted channel.
+            None if sub_up => {
+                self.send_sub(channel, Wire::Subscribing);
+                false
+            }
             // The reply to the command in flight decides (on_sub_reply).
-            Some(_) => {}
+            _ => false,
         }
     }
 
-    /// Removes a session from its room; false if it was not in it.
-    pub fn leave(&mut self, member: Member, room: &str) -> bool {
-        if !self.rooms.members(room).contains(&member) {
-            return false;
+    /// Stops following a channel (its last local member left).
+    pub fn unsubscribe(&mut self, channel: &str) {
+        let sub_up = self.sub.peer.state == State::Up;
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return;
+        };
+        entry.wanted = false;
+        match entry.wire {
+            None => {
+                self.channels.remove(channel);
+            }
+            Some(Wire::Live) if sub_up => self.send_sub(channel, Wire::Unsubscribing),
+            _ => {}
         }
-        let emptied = self.rooms.leave(room, member);
-        if emptied
-            && self.sub.peer.state == State::Up
-            && self.channels.get(room) == Some(&Channel::Live)
-        {
-            self.send_sub(room, Channel::Unsubscribing);
-        }
-        true
     }
 
-    /// Queues a PUBLISH of an event (already encoded as JSON) to a room.
-    pub fn publish(&mut self, room: &str, event: &str) -> Result<(), BacklogFull> {
+    /// Queues a PUBLISH of an event (already encoded as JSON) to a channel;
+    /// `tag` comes back with `Event::PublishRefused` if Redis refuses it.
+    pub fn publish(&mut self, channel: &str, event: &str, tag: Tag) -> Result<(), BacklogFull> {
         self.ensure_started();
-        let channel = channel_of(room);
-        self.cmd
-            .queue_command(packed(&[b"PUBLISH", channel.as_bytes(), event.as_bytes()]))
+        let cmd = packed(&[b"PUBLISH", channel.as_bytes(), event.as_bytes()]);
+        self.cmd.queue_command(cmd, Pending::Publish(tag))
     }
 
-    /// Sends `welcome` to members whose room just went live, and tells the
-    /// room they joined.
-    fn welcome(&mut self, room: &str, members: &[Member]) {
-        for &m in members {
-            // SAFETY: members are live sessions (see notify_all).
-            let session = unsafe { &mut *m.as_ptr() };
-            let Some(early) = session.welcome() else {
-                continue;
-            };
-            let join = session.announces_presence().then(|| {
-                let id = worker::next_id();
-                envelope::presence(
-                    envelope::Presence::Join,
-                    room,
-                    session.user(),
-                    time::now_ms(),
-                    &id,
-                )
-            });
-            // The join goes first so that the room sees the member before
-            // anything the member typed while the subscription was pending.
-            for event in join.into_iter().chain(early) {
-                if self.publish(room, &event).is_err() {
-                    session.notify_backlog_full();
+    /// Carries out what nginx woke the link for.
+    pub fn on_wake(&mut self, role: Role, wake: Wake) {
+        match wake {
+            Wake::Retry => self.connect(role),
+            Wake::Timer => self.on_timer(role),
+            Wake::Write => self.on_writable(role),
+            Wake::Read => {
+                if self.conn(role).peer.state == State::Connecting {
+                    self.on_writable(role);
+                }
+                if self.conn(role).peer.state == State::Up {
+                    self.on_readable(role);
                 }
             }
         }
     }
 
-    fn on_sub_reply(&mut self, value: Value) -> Next {
+    fn log_refusal(&self, what: &str, err: &redis::ServerError) {
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            self.log,
+            "websocket_chat: Redis {} refused {}: {}",
+            self.display,
+            what,
+            error_text(err)
+        );
+    }
+
+    fn on_sub_reply(&mut self, value: Value) -> Result<(), &'static str> {
         if self.sub.setup_pending > 0 {
             self.sub.setup_pending -= 1;
             return self.check_setup(Role::Sub, value);
@@ -478,135 +560,117 @@ impl Link {
             Value::Array(items) => items,
             // PING outside subscribed mode.
             Value::SimpleString(_) => {
-                self.sub.owed = self.sub.owed.saturating_sub(1);
-                return Next::Continue;
+                self.sub.pending.pop_front();
+                return Ok(());
             }
             Value::ServerError(err) => {
-                ngx_log_error!(
-                    NGX_LOG_ERR,
-                    self.log,
-                    "websocket_chat: Redis {}: {:?}",
-                    self.display,
-                    err
-                );
-                return Next::Reset;
+                match self.sub.pending.pop_front() {
+                    Some(Pending::Subscribe(channel)) => self.on_refused(channel, &err),
+                    _ => self.log_refusal("a subscriber command", &err),
+                }
+                return Ok(());
             }
-            _ => return Next::Continue,
+            _ => return Err("unexpected reply"),
         };
         let mut items = items.into_iter();
-        let Some(Value::BulkString(kind)) = items.next() else {
-            return Next::Continue;
+        let Some(kind) = next_bulk(&mut items) else {
+            return Err("unexpected reply");
         };
-        if kind != b"message" {
-            // subscribe, unsubscribe and pong answer a command of ours.
-            self.sub.owed = self.sub.owed.saturating_sub(1);
+        if kind == b"message" {
+            let (Some(channel), Some(payload)) = (next_bulk(&mut items), next_bulk(&mut items))
+            else {
+                return Err("malformed message");
+            };
+            self.events.push(Event::Message { channel, payload });
+            return Ok(());
         }
-        let Some(Value::BulkString(channel)) = items.next() else {
-            return Next::Continue;
-        };
-        let Some(room) = std::str::from_utf8(&channel)
-            .ok()
-            .and_then(|c| c.strip_prefix(CHANNEL_PREFIX))
-        else {
-            return Next::Continue;
-        };
-        match kind.as_slice() {
-            b"message" => {
-                if let Some(Value::BulkString(payload)) = items.next() {
-                    self.deliver(room, &payload);
-                }
-            }
-            b"subscribe" => self.on_subscribed(room),
-            b"unsubscribe" => {
-                if self.rooms.members(room).is_empty() {
-                    self.channels.remove(room);
-                } else {
-                    self.send_sub(room, Channel::Subscribing);
-                }
-            }
-            _ => {}
+        // subscribe, unsubscribe and pong answer a command of ours, in order.
+        let answered = self.sub.pending.pop_front();
+        match (kind.as_slice(), answered) {
+            (b"subscribe", Some(Pending::Subscribe(channel))) => self.on_subscribed(channel),
+            (b"unsubscribe", Some(Pending::Unsubscribe(channel))) => self.on_unsubscribed(channel),
+            (b"pong", Some(Pending::Ping)) => {}
+            _ => return Err("reply out of order"),
         }
-        Next::Continue
+        Ok(())
     }
 
-    fn on_subscribed(&mut self, room: &str) {
-        if self.channels.get(room) == Some(&Channel::Resubscribing) {
+    fn end_resubscribe(&mut self, wire: Option<Wire>) {
+        if wire == Some(Wire::Resubscribing) {
             self.resubscribing = self.resubscribing.saturating_sub(1);
             if self.resubscribing == 0 {
                 self.on_resubscribed();
             }
         }
-        let members = self.rooms.members(room).to_vec();
-        if members.is_empty() {
-            self.send_sub(room, Channel::Unsubscribing);
+    }
+
+    fn on_subscribed(&mut self, channel: Box<str>) {
+        let Some(entry) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let was = entry.wire;
+        if entry.wanted {
+            entry.wire = Some(Wire::Live);
+            self.events.push(Event::Subscribed(channel.clone()));
         } else {
-            self.channels.insert(room.into(), Channel::Live);
-            self.welcome(room, &members);
+            self.send_sub(&channel, Wire::Unsubscribing);
+        }
+        self.end_resubscribe(was);
+    }
+
+    fn on_unsubscribed(&mut self, channel: Box<str>) {
+        match self.channels.get(&channel) {
+            Some(c) if c.wanted => self.send_sub(&channel, Wire::Subscribing),
+            _ => {
+                self.channels.remove(&channel);
+            }
         }
     }
 
-    fn on_cmd_reply(&mut self, value: Value) -> Next {
+    /// One channel refused: only its rooms are told; every other channel
+    /// and the connection itself carry on.
+    fn on_refused(&mut self, channel: Box<str>, err: &redis::ServerError) {
+        self.log_refusal(&format!("SUBSCRIBE {channel}"), err);
+        let was = self.channels.remove(&channel).and_then(|c| c.wire);
+        self.events.push(Event::SubscribeRefused(channel));
+        self.end_resubscribe(was);
+    }
+
+    fn on_cmd_reply(&mut self, value: Value) -> Result<(), &'static str> {
         if self.cmd.setup_pending > 0 {
             self.cmd.setup_pending -= 1;
             return self.check_setup(Role::Cmd, value);
         }
-        self.cmd.owed = self.cmd.owed.saturating_sub(1);
+        let answered = self.cmd.pending.pop_front();
+        if let Value::ServerError(err) = value {
+            self.log_refusal("a PUBLISH", &err);
+            if let Some(Pending::Publish(tag)) = answered {
+                self.events.push(Event::PublishRefused(tag));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_setup(&mut self, role: Role, value: Value) -> Result<(), &'static str> {
         if let Value::ServerError(err) = value {
             ngx_log_error!(
                 NGX_LOG_ERR,
                 self.log,
-                "websocket_chat: PUBLISH to Redis {} failed: {:?}",
+                "websocket_chat: Redis {} refused the {} connection's AUTH/SELECT: {}",
                 self.display,
-                err
+                Self::name(role),
+                error_text(&err)
             );
+            return Err("command refused");
         }
-        Next::Continue
-    }
-
-    fn check_setup(&mut self, role: Role, value: Value) -> Next {
-        match value {
-            Value::ServerError(err) => {
-                ngx_log_error!(
-                    NGX_LOG_ERR,
-                    self.log,
-                    "websocket_chat: Redis {} refused the {} connection's AUTH/SELECT: {:?}",
-                    self.display,
-                    Self::name(role),
-                    err
-                );
-                Next::Reset
-            }
-            _ => {
-                if role == Role::Sub && self.sub.setup_pending == 0 && self.resubscribing == 0 {
-                    self.on_resubscribed();
-                }
-                Next::Continue
-            }
+        if role == Role::Sub && self.sub.setup_pending == 0 && self.resubscribing == 0 {
+            self.on_resubscribed();
         }
-    }
-
-    /// Hands one published event to every local member of its room: one
-    /// frame, encoded once, shared by all.
-    fn deliver(&mut self, room: &str, payload: &[u8]) {
-        if std::str::from_utf8(payload).is_err() {
-            ngx_log_error!(
-                NGX_LOG_WARN,
-                self.log,
-                "websocket_chat: ignored a non-UTF-8 event on channel {}{}",
-                CHANNEL_PREFIX,
-                room
-            );
-            return;
-        }
-        let frame = frame::text_frame(payload);
-        for &m in self.rooms.members(room) {
-            // SAFETY: as in `notify_all`.
-            unsafe { (*m.as_ptr()).deliver(&frame) };
-        }
+        Ok(())
     }
 
     fn on_readable(&mut self, role: Role) {
-        let outcome = self.conn(role).peer.read(REPLY_LIMITS.max_bulk + 64 * 1024);
+        let outcome = self.conn(role).peer.read(READ_BUDGET);
         let mut consumed = 0;
         let mut failure = None;
         loop {
@@ -631,12 +695,12 @@ impl Link {
                 }
             };
             consumed += n;
-            let next = match role {
+            let handled = match role {
                 Role::Sub => self.on_sub_reply(value),
                 Role::Cmd => self.on_cmd_reply(value),
             };
-            if let Next::Reset = next {
-                failure = Some("command refused".to_owned());
+            if let Err(why) = handled {
+                failure = Some(why.to_owned());
                 break;
             }
         }
@@ -691,59 +755,8 @@ impl Link {
             }
         }
         if role == Role::Sub && conn.in_flight() == 0 && conn.peer.queue.chunk_count() == 0 {
-            let _ = conn.queue_command(packed(&[b"PING"]));
+            let _ = conn.queue_command(packed(&[b"PING"]), Pending::Ping);
         }
         conn.peer.arm_timer(timeout);
     }
-}
-
-/// The Link behind an event of one of its connections.
-///
-/// # Safety
-/// `ev` must be an event of a connection opened by `Link::connect`.
-unsafe fn link_of(ev: *mut ngx_event_t) -> &'static mut Link {
-    // SAFETY: connect() stored the boxed Link in c->data.
-    unsafe {
-        let c = (*ev).data.cast::<ngx_connection_t>();
-        &mut *(*c).data.cast::<Link>()
-    }
-}
-
-fn role(sub: bool) -> Role {
-    if sub {
-        Role::Sub
-    } else {
-        Role::Cmd
-    }
-}
-
-unsafe extern "C" fn on_read<const SUB: bool>(ev: *mut ngx_event_t) {
-    // SAFETY: nginx calls this for the read event set up in connect().
-    let link = unsafe { link_of(ev) };
-    let role = role(SUB);
-    // SAFETY: ev is live for the duration of the handler.
-    if unsafe { (*ev).timedout() } != 0 {
-        // SAFETY: as above.
-        unsafe { (*ev).set_timedout(0) };
-        link.on_timer(role);
-        return;
-    }
-    if link.conn(role).peer.state == State::Connecting {
-        link.on_writable(role);
-    }
-    if link.conn(role).peer.state == State::Up {
-        link.on_readable(role);
-    }
-}
-
-unsafe extern "C" fn on_write<const SUB: bool>(ev: *mut ngx_event_t) {
-    // SAFETY: as for on_read.
-    let link = unsafe { link_of(ev) };
-    link.on_writable(role(SUB));
-}
-
-unsafe extern "C" fn on_retry<const SUB: bool>(ev: *mut ngx_event_t) {
-    // SAFETY: arm_retry stored the Link in the timer's data.
-    let link = unsafe { &mut *(*ev).data.cast::<Link>() };
-    link.connect(role(SUB));
 }

@@ -9,7 +9,7 @@ use ngx::ffi::{
     iovec, ngx_buf_t, ngx_chain_t, ngx_connection_t, ngx_iovec_t, ngx_ssl_free_buffer, ngx_writev,
     NGX_ERROR, NGX_SSL_BUFFERED,
 };
-pub use wschat_core::send_queue::SendQueue;
+pub use wschat_core::send_queue::{Limit, SendQueue};
 
 /// How many chunks one send may carry (nginx's own IOV_MAX-ish batch).
 const BATCH: usize = 64;

@@ -1,32 +1,35 @@
 //! One upgraded client connection: frames in (through tungstenite), events
-//! out (through the send queue), membership in one room, and the close
-//! handshake. Driven by the connection's own nginx read/write events.
+//! out (through the send queue), and the close handshake. A session only
+//! decides; its room membership belongs to `rooms`, and what it cannot do
+//! itself (leave its room, end the connection) it returns as a [`Step`] for
+//! the worker to carry out.
 
 use core::ffi::c_void;
 use core::ptr::{self, NonNull};
 use std::rc::Rc;
 
 use ngx::ffi::{
-    ngx_connection_t, ngx_current_msec, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event,
+    ngx_connection_t, ngx_current_msec, ngx_handle_read_event, ngx_handle_write_event,
     ngx_http_close_connection, ngx_http_connection_t, ngx_http_free_request,
     ngx_http_output_filter, ngx_http_request_t, ngx_msec_t, ngx_pfree, ngx_pool_cleanup_add,
-    NGX_ERROR, NGX_LOG_INFO, NGX_OK,
+    ngx_pool_cleanup_pt, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
+use wschat_core::envelope::{self, Status};
+use wschat_core::frame;
+use wschat_core::frame_guard::Violation;
+use wschat_core::rate::Bucket;
+use wschat_core::slab::Key;
 
 use crate::client_io::{self, ClientIo};
 use crate::conf::{LocConf, LogAt};
-use crate::redis_link::Link;
+use crate::redis_link::{BacklogFull, Link};
 use crate::send_queue::{FlushTo, Flushed};
-use crate::{module, time, worker};
-use wschat_core::envelope::Status;
-use wschat_core::frame_guard::Violation;
-use wschat_core::rate::Bucket;
-use wschat_core::{envelope, frame};
+use crate::{ids, module, time};
 
 /// tungstenite's read buffer is allocated (and zero-filled on the first
 /// read) per client and never shrinks: chat messages are small, so 512 bytes
@@ -45,124 +48,202 @@ pub mod close {
     pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
+
+    /// The reason of the 1008 for a client that does not take what it is
+    /// sent: what waits for it is dropped, the close frame goes first.
+    pub const SLOW_CONSUMER: &str = "slow consumer";
+}
+
+/// What the worker is to do after a session has looked at an event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Send what is queued.
+    Flush,
+    /// Close with this code: leave the room, send the close frame.
+    Close(u16, &'static str),
+    /// The connection is over.
+    Finish,
+}
+
+/// The times a session takes from nginx's `http` core settings, read while
+/// the request is at hand.
+struct CoreTimes {
+    /// How long a closing client gets to take its last frames.
+    send_timeout: ngx_msec_t,
+    lingering_time: ngx_msec_t,
+    lingering_timeout: ngx_msec_t,
 }
 
 pub struct Session {
+    key: Key,
     /// The HTTP request, while the session holds it: until the session ends
     /// (`websocket_chat_access_log close`) or until the 101 is out (`upgrade`).
     request: Option<NonNull<ngx_http_request_t>>,
     c: *mut ngx_connection_t,
     conf: &'static LocConf,
     ws: WebSocket<ClientIo>,
-    link: NonNull<Link>,
+    /// The index of the session's Redis endpoint.
+    pub endpoint: usize,
+    channel: Box<str>,
     room: Box<str>,
     user: Box<str>,
-    /// `None` until the room's subscription is live; then everything the
-    /// room publishes reaches this client.
+    /// Whether the session is in its room's member list.
+    pub in_room: bool,
+    /// `None` once welcomed: then everything the room publishes reaches
+    /// this client; until then what it types waits here.
     early: Option<Vec<String>>,
     closing: bool,
+    /// The client may still be sending (it caused the close, or sent more
+    /// since): once the close frame is out, linger rather than close.
+    linger_wanted: bool,
+    /// Set once the close frame is out and the session lingers, as nginx's
+    /// lingering close does: the client's bytes still in flight are read
+    /// and dropped, so that closing the socket does not reset the
+    /// connection and destroy the close frame. Lingering ends then,
+    /// whatever the client does.
+    lingering_until: Option<ngx_msec_t>,
     /// A close decided while fanning out, carried out on the next write event.
     pending_close: Option<(u16, &'static str)>,
     /// When the client last sent anything (nginx's millisecond clock).
     last_heard: ngx_msec_t,
     rate: Bucket,
     rejected_in_row: u8,
-    /// How long a closing client gets to take its last frames: nginx's
-    /// `send_timeout`, read while the request was at hand.
-    linger: ngx_msec_t,
+    times: CoreTimes,
 }
 
-/// What the read handler should do after looking at the socket.
-enum After {
-    Flush,
-    Close(u16, &'static str),
-    Finish,
+/// A connection to end once the worker's state is no longer borrowed:
+/// closing it runs the pool cleanup that removes the session.
+pub struct Finish {
+    c: *mut ngx_connection_t,
+    request: Option<NonNull<ngx_http_request_t>>,
+}
+
+fn now() -> ngx_msec_t {
+    // SAFETY: nginx's clock, read on its own thread.
+    unsafe { ngx_current_msec }
 }
 
 impl Session {
-    /// Takes over an upgraded request: `preread` holds bytes the client sent
-    /// right behind the handshake, already in nginx's header buffer.
+    /// A session for an upgraded request: `preread` holds bytes the client
+    /// sent right behind the handshake, already in nginx's header buffer.
+    ///
+    /// `key` is the one the worker will keep it under.
     ///
     /// # Safety
-    /// `r` must be a main request whose 101 header has been sent, with its
-    /// reference count raised for this session.
-    pub unsafe fn start(
+    /// `r` must be a main request whose 101 header has been sent.
+    pub unsafe fn new(
+        key: Key,
         r: *mut ngx_http_request_t,
         conf: &'static LocConf,
-        link: NonNull<Link>,
         room: String,
         user: String,
         preread: Vec<u8>,
-    ) -> Result<(), ()> {
+    ) -> Session {
         // SAFETY: r is live (caller); so is its connection.
-        let (c, pool) = unsafe { ((*r).connection, (*(*r).connection).pool) };
+        let c = unsafe { (*r).connection };
         // SAFETY: r is live (caller).
-        let linger = unsafe { NgxHttpCoreModule::location_conf(&*r) }
-            .map_or(60_000, |clcf| clcf.send_timeout);
+        let times = match unsafe { NgxHttpCoreModule::location_conf(&*r) } {
+            Some(clcf) => CoreTimes {
+                send_timeout: clcf.send_timeout,
+                lingering_time: clcf.lingering_time,
+                lingering_timeout: clcf.lingering_timeout,
+            },
+            None => CoreTimes {
+                send_timeout: 60_000,
+                lingering_time: 30_000,
+                lingering_timeout: 5_000,
+            },
+        };
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(0)
             .max_message_size(Some(conf.max_message()))
             .max_frame_size(Some(conf.max_message()));
-        let mut io = ClientIo::new(c, conf.send_buffer(), conf.max_message());
+        let mut io = ClientIo::new(c, conf.send_limit(), conf.max_message());
         let preread = io.admit_preread(preread);
         let ws = WebSocket::from_partially_read(io, preread, Role::Server, Some(config));
-        let session = Box::into_raw(Box::new(Session {
+        let mut channel = String::with_capacity(conf.channel_prefix().len() + room.len());
+        channel.push_str(conf.channel_prefix());
+        channel.push_str(&room);
+        Session {
+            key,
             request: NonNull::new(r),
             c,
             conf,
             ws,
-            link,
+            endpoint: conf.redis(),
+            channel: channel.into(),
             room: room.into(),
             user: user.into(),
+            in_room: false,
             early: Some(Vec::new()),
             closing: false,
+            linger_wanted: false,
+            lingering_until: None,
             pending_close: None,
-            // SAFETY: nginx's clock, read on its own thread.
-            last_heard: unsafe { ngx_current_msec },
+            last_heard: now(),
             rate: Bucket::default(),
             rejected_in_row: 0,
-            linger,
-        }));
+            times,
+        }
+    }
 
-        // SAFETY: the connection pool outlives every use of the session; the
-        // cleanup frees it when nginx closes the connection, whatever the path.
+    /// Hands the connection's events to the session; `cleanup` runs when
+    /// nginx frees the connection.
+    ///
+    /// # Safety
+    /// The session's request must be live, with its reference count raised
+    /// for this session; the worker must keep the session under its key
+    /// until `cleanup` runs.
+    pub unsafe fn attach(
+        &mut self,
+        read: ngx::ffi::ngx_event_handler_pt,
+        write: ngx::ffi::ngx_event_handler_pt,
+        cleanup: ngx_pool_cleanup_pt,
+    ) -> Result<(), ()> {
+        let key = self.key;
+        let r = self.request.ok_or(())?.as_ptr();
+        let c = self.c;
+        // SAFETY: r and c are live (caller); the connection pool outlives
+        // every use of the session, and its cleanup tells the worker.
         unsafe {
-            let cln = ngx_pool_cleanup_add(pool, 0);
+            let cln = ngx_pool_cleanup_add((*c).pool, 0);
             if cln.is_null() {
-                drop(Box::from_raw(session));
                 return Err(());
             }
-            (*cln).handler = Some(free_session);
-            (*cln).data = session.cast();
-            *(*r).ctx.add(module().ctx_index) = session.cast();
-
-            (*(*c).read).handler = Some(on_read::<ViaRequest>);
-            (*(*c).write).handler = Some(on_write::<ViaRequest>);
+            (*cln).handler = cleanup;
+            (*cln).data = key_ptr(key);
+            *(*r).ctx.add(module().ctx_index) = key_ptr(key);
+            (*(*c).read).handler = read;
+            (*(*c).write).handler = write;
             // nginx's graceful shutdown visits idle connections with c->close
             // set: that is the hook for the 1001 close.
             (*c).set_idle(1);
             // The heartbeat timer must not keep a shutting-down worker alive.
             (*(*c).read).set_cancelable(1);
-            ngx::ffi::ngx_add_timer((*c).read, conf.ping_interval());
-        }
-
-        // SAFETY: just allocated; the registry keeps the pointer until Drop.
-        let s = unsafe { &mut *session };
-        // SAFETY: links live as long as the worker.
-        unsafe { (*link.as_ptr()).join(NonNull::from(&mut *s), &s.room) };
-        // SAFETY: the session is fully set up; bytes may already be waiting.
-        unsafe { handle_read(session) };
-        if conf.access_log() == LogAt::Upgrade {
-            // The request can only go once nginx is done with it, after this
-            // content handler: the write handler frees it.
-            s.wake_writer();
+            ngx::ffi::ngx_add_timer((*c).read, self.conf.ping_interval());
         }
         Ok(())
     }
 
+    pub fn key(&self) -> Key {
+        self.key
+    }
+
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    pub fn room(&self) -> &str {
+        &self.room
+    }
+
     pub fn user(&self) -> &str {
         &self.user
+    }
+
+    pub fn welcomed(&self) -> bool {
+        self.early.is_none()
     }
 
     /// Whether the room hears of this member's joining and leaving.
@@ -170,8 +251,14 @@ impl Session {
         self.conf.presence()
     }
 
+    /// Whether the access-log line is written at the upgrade, so that the
+    /// request is freed on the first write event.
+    pub fn frees_request_early(&self) -> bool {
+        self.conf.access_log() == LogAt::Upgrade
+    }
+
     /// Marks the session as live in its room and sends it `welcome`. Returns
-    /// what it typed meanwhile (for the link to publish), or `None` if it was
+    /// what it typed meanwhile (for the room to publish), or `None` if it was
     /// welcomed already.
     pub fn welcome(&mut self) -> Option<Vec<String>> {
         let early = self.early.take()?;
@@ -186,14 +273,11 @@ impl Session {
     }
 
     pub fn notify_backlog_full(&mut self) {
-        self.notify_error(
+        self.notify(
+            Status::Error,
             "backlog_full",
             "message not sent: the server's queue to Redis is full",
         );
-    }
-
-    fn notify_error(&mut self, code: &str, message: &str) {
-        self.notify(Status::Error, code, message);
     }
 
     /// Sends this client alone an `error` or `notice` event.
@@ -208,14 +292,14 @@ impl Session {
         if self.closing {
             return;
         }
-        if self.ws.get_mut().queue.push(frame).is_err() {
-            self.pending_close = Some((close::POLICY, "slow consumer"));
+        if self.ws.get_mut().queue.push(frame, time::now_ms()).is_err() {
+            self.pending_close = Some((close::POLICY, close::SLOW_CONSUMER));
         }
         self.wake_writer();
     }
 
     /// Schedules the write handler for after the current handler returns.
-    fn wake_writer(&self) {
+    pub fn wake_writer(&self) {
         // SAFETY: c is live while the session is.
         unsafe {
             ngx::ffi::ngx_post_event(
@@ -225,15 +309,33 @@ impl Session {
         };
     }
 
+    /// Publishes a chat message event (or holds it until the welcome).
+    fn publish(&mut self, link: &mut Link, event: String) -> Result<(), BacklogFull> {
+        if let Some(early) = &mut self.early {
+            if early.len() < EARLY_LIMIT {
+                early.push(event);
+            } else {
+                self.notify(
+                    Status::Error,
+                    "not_joined",
+                    "message not sent: still joining the room",
+                );
+            }
+            return Ok(());
+        }
+        link.publish(&self.channel, &event, self.key.to_raw())
+    }
+
     /// Publishes one chat message, unless the sender is over its rate.
-    fn on_text(&mut self, text: &str) -> Result<(), (u16, &'static str)> {
+    fn on_text(&mut self, link: &mut Link, text: &str) -> Result<(), (u16, &'static str)> {
         if let Some(limit) = self.conf.rate() {
             if !self.rate.allow(limit, time::now_ms()) {
                 self.rejected_in_row += 1;
                 if self.rejected_in_row >= FLOOD_REJECTIONS {
                     return Err((close::POLICY, "rate limit exceeded"));
                 }
-                self.notify_error(
+                self.notify(
+                    Status::Error,
                     "rate_limited",
                     "message not sent: too many messages, slow down",
                 );
@@ -241,32 +343,68 @@ impl Session {
             }
             self.rejected_in_row = 0;
         }
-        let id = worker::next_id();
+        let id = ids::next_id();
         let event = envelope::message(&self.room, &self.user, text, time::now_ms(), &id);
-        if let Some(early) = &mut self.early {
-            if early.len() < EARLY_LIMIT {
-                early.push(event);
-            } else {
-                self.notify_error("not_joined", "message not sent: still joining the room");
-            }
-            return Ok(());
-        }
-        // SAFETY: links live as long as the worker.
-        let link = unsafe { &mut *self.link.as_ptr() };
-        if link.publish(&self.room, &event).is_err() {
+        if self.publish(link, event).is_err() {
             self.notify_backlog_full();
         }
         Ok(())
     }
 
+    /// What a read event asks for: the heartbeat timer, nginx's shutdown,
+    /// the lingering close, or frames.
+    pub fn on_read(&mut self, link: &mut Link, timedout: bool) -> Step {
+        let c = self.c;
+        // SAFETY: c is live while the session is.
+        let (close, error) = unsafe { ((*c).close() != 0, (*c).error() != 0) };
+        if close && error {
+            // worker_shutdown_timeout has passed: no more waiting.
+            return Step::Finish;
+        }
+        if let Some(until) = self.lingering_until {
+            return self.linger_read(until, timedout);
+        }
+        if close {
+            return Step::Close(close::GOING_AWAY, "server shutting down");
+        }
+        if timedout {
+            return self.on_heartbeat();
+        }
+        self.last_heard = now();
+        if self.closing {
+            // Nothing more is read once the close frame is queued; the
+            // client's own close or EOF just ends the connection sooner.
+            return self.discard_input();
+        }
+        let step = self.read_frames(link);
+        if matches!(step, Step::Close(..)) {
+            self.linger_wanted = true;
+        }
+        // SAFETY: c is live.
+        if step != Step::Finish && unsafe { ngx_handle_read_event((*c).read, 0) } != NGX_OK as isize
+        {
+            return Step::Finish;
+        }
+        step
+    }
+
+    /// What a write event asks for, before the flush.
+    pub fn on_write(&mut self, timedout: bool) -> Step {
+        if timedout {
+            return Step::Finish;
+        }
+        match self.pending_close.take() {
+            Some((code, reason)) => Step::Close(code, reason),
+            None => Step::Flush,
+        }
+    }
+
     /// The heartbeat: pings a quiet client, closes one that stays silent.
-    fn on_heartbeat(&mut self) {
-        // SAFETY: nginx's clock, read on its own thread.
-        let silent = unsafe { ngx_current_msec }.wrapping_sub(self.last_heard);
+    fn on_heartbeat(&mut self) -> Step {
+        let silent = now().wrapping_sub(self.last_heard);
         let (ping, idle) = (self.conf.ping_interval(), self.conf.idle_timeout());
         if silent >= idle {
-            self.begin_close(close::GOING_AWAY, "idle timeout");
-            return;
+            return Step::Close(close::GOING_AWAY, "idle timeout");
         }
         let next = if silent >= ping {
             self.send(frame::ping_frame(b""));
@@ -276,61 +414,60 @@ impl Session {
         };
         // SAFETY: c is live while the session is.
         unsafe { ngx::ffi::ngx_add_timer((*self.c).read, next) };
+        Step::Flush
     }
 
     /// Reads and handles every complete frame the socket has.
-    fn read_frames(&mut self) -> After {
+    fn read_frames(&mut self, link: &mut Link) -> Step {
         loop {
             match self.ws.read() {
                 Ok(Message::Text(text)) => {
-                    if let Err((code, reason)) = self.on_text(text.as_str()) {
-                        return After::Close(code, reason);
+                    if let Err((code, reason)) = self.on_text(link, text.as_str()) {
+                        return Step::Close(code, reason);
                     }
                 }
                 Ok(Message::Binary(_)) => {
-                    return After::Close(close::UNSUPPORTED, "binary messages are not supported")
+                    return Step::Close(close::UNSUPPORTED, "binary messages are not supported")
                 }
                 Ok(Message::Close(_)) => {
                     // tungstenite has queued the echo of the client's close.
                     let _ = self.ws.flush();
                     self.closing = true;
-                    return After::Flush;
+                    return Step::Flush;
                 }
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
                 Err(WsError::Io(e)) => {
                     if e.kind() == std::io::ErrorKind::WouldBlock {
                         // Pongs owed to the client go out with the next flush.
                         let _ = self.ws.flush();
-                        return After::Flush;
+                        return Step::Flush;
                     }
                     return after_io_error(&e);
                 }
                 Err(WsError::Capacity(CapacityError::MessageTooLong { .. })) => {
-                    return After::Close(close::TOO_BIG, "message too big")
+                    return Step::Close(close::TOO_BIG, "message too big")
                 }
-                Err(WsError::Utf8(_)) => return After::Close(close::INVALID_DATA, "invalid UTF-8"),
+                Err(WsError::Utf8(_)) => return Step::Close(close::INVALID_DATA, "invalid UTF-8"),
                 // The peer went away without a close handshake.
                 Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
-                    return After::Finish
+                    return Step::Finish
                 }
-                Err(WsError::Protocol(_)) => {
-                    return After::Close(close::PROTOCOL, "protocol error")
-                }
-                Err(_) => return After::Finish,
+                Err(WsError::Protocol(_)) => return Step::Close(close::PROTOCOL, "protocol error"),
+                Err(_) => return Step::Finish,
             }
         }
     }
 
     /// Starts the closing handshake from our side: the close frame goes out
-    /// after anything already part-way out, and then the connection ends.
-    fn begin_close(&mut self, code: u16, reason: &str) {
+    /// after anything already part-way out. Returns false if the session
+    /// was closing already.
+    pub fn begin_close(&mut self, code: u16, reason: &str) -> bool {
         if self.closing {
-            return;
+            return false;
         }
-        let log = self.log();
         ngx_log_error!(
             NGX_LOG_INFO,
-            log,
+            self.log(),
             "websocket_chat: closing session of \"{}\" in \"{}\": {} {}",
             self.user,
             self.room,
@@ -338,33 +475,130 @@ impl Session {
             reason
         );
         let queue = &mut self.ws.get_mut().queue;
-        if code == close::POLICY {
+        if reason == close::SLOW_CONSUMER {
             queue.truncate_to_partial();
         }
         queue.push_unbounded(frame::close_frame(code, reason));
         self.closing = true;
-        // A closing session takes no further part in its room.
-        self.leave_room();
+        true
     }
 
-    /// Takes the session out of its room and tells the room, once.
-    fn leave_room(&mut self) {
-        // SAFETY: links live as long as the worker.
-        let link = unsafe { &mut *self.link.as_ptr() };
-        let was_member = link.leave(NonNull::from(&mut *self), &self.room);
-        if !was_member || self.early.is_some() || !self.conf.presence() {
-            return;
+    /// Reads and discards what the client sends after our close frame;
+    /// EOF ends the session.
+    fn discard_input(&mut self) -> Step {
+        let c = self.c;
+        match self.ws.get_mut().discard_input() {
+            Ok(dropped) => self.linger_wanted |= dropped > 0,
+            Err(_) => return Step::Finish,
         }
-        let id = worker::next_id();
-        let event = envelope::presence(
-            envelope::Presence::Leave,
-            &self.room,
-            &self.user,
-            time::now_ms(),
-            &id,
-        );
-        // Nobody is left to tell if this fails; the link has logged why.
-        let _ = link.publish(&self.room, &event);
+        // SAFETY: c is live while the session is.
+        if unsafe { ngx_handle_read_event((*c).read, 0) } != NGX_OK as isize {
+            return Step::Finish;
+        }
+        Step::Flush
+    }
+
+    /// Our close frame is out. A client that is not sending is done with;
+    /// one that may be (as nginx's `lingering_close on` decides for HTTP)
+    /// is told so (FIN, on plain sockets) and what it still sends is read
+    /// and dropped until it closes too, or nginx's `lingering_timeout` /
+    /// `lingering_time` pass.
+    fn after_close_frame(&mut self) -> Step {
+        if self.discard_input() == Step::Finish || !self.linger_wanted {
+            return Step::Finish;
+        }
+        let c = self.c;
+        self.lingering_until = Some(now().wrapping_add(self.times.lingering_time));
+        // SAFETY: c is live while the session is. The lingering timer must
+        // hold a shutting-down worker: it is bounded, and ends the session.
+        unsafe {
+            if (*c).ssl.is_null() {
+                ngx::ffi::shutdown((*c).fd, ngx::ffi::SHUT_WR as _);
+            }
+            if (*(*c).write).timer_set() != 0 {
+                ngx::ffi::ngx_del_timer((*c).write);
+            }
+            (*(*c).read).set_cancelable(0);
+            ngx::ffi::ngx_add_timer((*c).read, self.times.lingering_timeout);
+        }
+        Step::Flush
+    }
+
+    fn linger_read(&mut self, until: ngx_msec_t, timedout: bool) -> Step {
+        let left = until.wrapping_sub(now()) as isize;
+        if timedout || left <= 0 {
+            return Step::Finish;
+        }
+        let step = self.discard_input();
+        if step == Step::Flush {
+            let wait = self.times.lingering_timeout.min(left as ngx_msec_t);
+            // SAFETY: c is live while the session is.
+            unsafe { ngx::ffi::ngx_add_timer((*self.c).read, wait) };
+        }
+        step
+    }
+
+    /// Sends what is queued; once a close has drained, lingers.
+    pub fn flush(&mut self) -> Step {
+        let c = self.c;
+        if let Some(r) = self.request.map(NonNull::as_ptr) {
+            // SAFETY: a held request is live; the 101 header may still sit in
+            // its output chain if the socket was full when it was sent, and
+            // must go first.
+            unsafe {
+                if !(*r).out.is_null()
+                    && ngx_http_output_filter(r, ptr::null_mut()) == NGX_ERROR as isize
+                {
+                    return Step::Finish;
+                }
+                if !(*r).out.is_null() {
+                    return self.arm_write();
+                }
+            }
+        }
+        if self.lingering_until.is_some() {
+            return Step::Flush;
+        }
+        // SAFETY: c is live.
+        match unsafe { self.ws.get_mut().queue.flush(c, usize::MAX) } {
+            Err(_) => Step::Finish,
+            Ok(Flushed::All) if self.closing => self.after_close_frame(),
+            Ok(Flushed::All) => {
+                // SAFETY: c is live.
+                unsafe {
+                    if (*(*c).write).timer_set() != 0 {
+                        ngx::ffi::ngx_del_timer((*c).write);
+                    }
+                }
+                Step::Flush
+            }
+            Ok(Flushed::Partly) => self.arm_write(),
+        }
+    }
+
+    /// Waits for the socket to take more; a closing session waits only so long.
+    fn arm_write(&mut self) -> Step {
+        let c = self.c;
+        // SAFETY: c is live while the session is.
+        unsafe {
+            if ngx_handle_write_event((*c).write, 0) != NGX_OK as isize {
+                return Step::Finish;
+            }
+            if self.closing {
+                // A closing client gets nginx's `send_timeout` to take its last
+                // frames, the close frame among them.
+                ngx::ffi::ngx_add_timer((*c).write, self.times.send_timeout);
+            }
+        }
+        Step::Flush
+    }
+
+    /// What ends the connection, for the worker to carry out.
+    pub fn finish(&self) -> Finish {
+        Finish {
+            c: self.c,
+            request: self.request,
+        }
     }
 
     fn log(&self) -> *mut ngx::ffi::ngx_log_t {
@@ -373,273 +607,91 @@ impl Session {
     }
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.leave_room();
-    }
+/// A key as the pointer nginx keeps for us (never null: see `Key`).
+fn key_ptr(key: Key) -> *mut c_void {
+    key.to_raw() as usize as *mut c_void
 }
 
-unsafe extern "C" fn free_session(data: *mut c_void) {
-    // SAFETY: `data` is the Box leaked in `start`, freed exactly once here.
-    drop(unsafe { Box::from_raw(data.cast::<Session>()) });
+/// The key behind a pointer made by `key_ptr`.
+pub fn key_of(data: *mut c_void) -> Option<Key> {
+    Key::from_raw(data as usize as u64)
 }
 
-/// Where an event handler finds its session. nginx itself reads `c->data` as
-/// the request while the request lives, so the session moves there only
-/// once the request is freed.
-trait Locate {
-    /// Whether the session may still hold its request: only then is there
-    /// a request to free on a write event.
-    const HOLDS_REQUEST: bool;
-
-    /// # Safety
-    /// `c` must be a connection taken over by `Session::start`.
-    unsafe fn session(c: *mut ngx_connection_t) -> *mut Session;
-}
-
-/// `c->data` is the request; its ctx slot holds the session.
-struct ViaRequest;
-/// `c->data` is the session.
-struct ViaConnection;
-
-impl Locate for ViaRequest {
-    const HOLDS_REQUEST: bool = true;
-
-    unsafe fn session(c: *mut ngx_connection_t) -> *mut Session {
-        // SAFETY: while the session holds the request, c->data is it.
-        unsafe {
-            let r = (*c).data.cast::<ngx_http_request_t>();
-            (*(*r).ctx.add(module().ctx_index)).cast::<Session>()
-        }
-    }
-}
-
-impl Locate for ViaConnection {
-    const HOLDS_REQUEST: bool = false;
-
-    unsafe fn session(c: *mut ngx_connection_t) -> *mut Session {
-        // SAFETY: `release_request` stored the session in c->data.
-        unsafe { (*c).data.cast::<Session>() }
-    }
-}
-
-/// The session behind one of its connection's events.
+/// The session key behind a connection taken over by a session. nginx itself
+/// reads `c->data` as the request while the request lives, so the key moves
+/// there only once the request is freed.
 ///
 /// # Safety
-/// `ev` must be a read or write event of a connection taken over by `start`,
-/// and `L` the way its handlers are set to find the session.
-unsafe fn session_of<L: Locate>(ev: *mut ngx_event_t) -> *mut Session {
-    // SAFETY: ev->data of a connection event is the connection.
-    unsafe { L::session((*ev).data.cast::<ngx_connection_t>()) }
-}
-
-unsafe extern "C" fn on_read<L: Locate>(ev: *mut ngx_event_t) {
-    // SAFETY: nginx calls this for the connection `start` took over.
-    let s = unsafe { session_of::<L>(ev) };
-    // SAFETY: the session is live until `finish`.
+/// `c` must be a connection attached to a session; `holds_request` must say
+/// whether its request is still held.
+pub unsafe fn key_of_connection(c: *mut ngx_connection_t, holds_request: bool) -> Option<Key> {
+    // SAFETY: while the request is held c->data is it and its ctx slot
+    // holds the key; afterwards `release_request` put the key in c->data.
     unsafe {
-        let c = (*s).c;
-        if (*c).close() != 0 && (*c).error() != 0 {
-            // worker_shutdown_timeout has passed: no more waiting.
-            finish(s);
-            return;
+        if holds_request {
+            let r = (*c).data.cast::<ngx_http_request_t>();
+            key_of(*(*r).ctx.add(module().ctx_index))
+        } else {
+            key_of((*c).data)
         }
-        if (*c).close() != 0 {
-            (*s).begin_close(close::GOING_AWAY, "server shutting down");
-            flush(s);
-            return;
-        }
-        if (*ev).timedout() != 0 {
-            (*ev).set_timedout(0);
-            (*s).on_heartbeat();
-            flush(s);
-            return;
-        }
-        (*s).last_heard = ngx_current_msec;
-        handle_read(s);
-    }
-}
-
-unsafe extern "C" fn on_write<L: Locate>(ev: *mut ngx_event_t) {
-    // SAFETY: as in on_read.
-    let s = unsafe { session_of::<L>(ev) };
-    // SAFETY: the session is live until `finish`.
-    unsafe {
-        if L::HOLDS_REQUEST && (*s).conf.access_log() == LogAt::Upgrade {
-            release_request(s);
-        }
-        if (*ev).timedout() != 0 {
-            finish(s);
-            return;
-        }
-        if let Some((code, reason)) = (*s).pending_close.take() {
-            (*s).begin_close(code, reason);
-        }
-        flush(s);
     }
 }
 
 /// Our own I/O errors carry a close code; any other means the connection is
 /// gone.
-fn after_io_error(e: &std::io::Error) -> After {
+fn after_io_error(e: &std::io::Error) -> Step {
     let inner = e.get_ref();
     if let Some(v) = inner.and_then(|e| e.downcast_ref::<Violation>()) {
-        return After::Close(v.close_code(), v.reason());
+        return Step::Close(v.close_code(), v.reason());
     }
     if inner.is_some_and(|e| e.is::<client_io::SlowConsumer>()) {
-        return After::Close(close::POLICY, "slow consumer");
+        return Step::Close(close::POLICY, close::SLOW_CONSUMER);
     }
-    After::Finish
+    Step::Finish
 }
 
-/// # Safety
-/// `s` must be a live session.
-unsafe fn handle_read(s: *mut Session) {
-    // SAFETY: live session (caller).
-    let session = unsafe { &mut *s };
-    if session.closing {
-        // Nothing more is read once the close frame is queued; the client's
-        // own close or EOF just ends the connection sooner.
-        // SAFETY: c is live.
-        unsafe { drain_input(s) };
-        return;
-    }
-    match session.read_frames() {
-        After::Flush => {}
-        After::Close(code, reason) => session.begin_close(code, reason),
-        After::Finish => {
-            // SAFETY: live session.
-            unsafe { finish(s) };
-            return;
-        }
-    }
-    // SAFETY: c is live.
-    if unsafe { ngx_handle_read_event((*session.c).read, 0) } != NGX_OK as isize {
-        // SAFETY: live session.
-        unsafe { finish(s) };
-        return;
-    }
-    // SAFETY: live session.
-    unsafe { flush(s) };
-}
-
-/// Reads and discards until EOF after our close frame; EOF ends the session.
-///
-/// # Safety
-/// `s` must be a live session.
-unsafe fn drain_input(s: *mut Session) {
-    // SAFETY: live session (caller).
-    let session = unsafe { &mut *s };
-    let c = session.c;
-    // SAFETY: c is live while the session is.
-    if session.ws.get_mut().discard_input().is_err()
-        || unsafe { ngx_handle_read_event((*c).read, 0) } != NGX_OK as isize
-    {
-        // SAFETY: live session.
-        unsafe { finish(s) };
-    }
-}
-
-/// Sends what is queued; ends the session once a close has drained.
-///
-/// # Safety
-/// `s` must be a live session.
-unsafe fn flush(s: *mut Session) {
-    // SAFETY: live session (caller).
-    let session = unsafe { &mut *s };
-    let c = session.c;
-    if let Some(r) = session.request.map(NonNull::as_ptr) {
-        // SAFETY: a held request is live; the 101 header may still sit in its
-        // output chain if the socket was full when it was sent, and must go
-        // first.
-        unsafe {
-            if !(*r).out.is_null()
-                && ngx_http_output_filter(r, ptr::null_mut()) == NGX_ERROR as isize
-            {
-                finish(s);
-                return;
-            }
-            if !(*r).out.is_null() {
-                arm_write(s);
-                return;
-            }
-        }
-    }
-    // SAFETY: c is live.
-    match unsafe { session.ws.get_mut().queue.flush(c, usize::MAX) } {
-        Err(_) => {
-            // SAFETY: live session.
-            unsafe { finish(s) };
-        }
-        Ok(Flushed::All) if session.closing => {
-            // SAFETY: live session.
-            unsafe { finish(s) };
-        }
-        Ok(Flushed::All) => {
-            // SAFETY: c is live.
-            unsafe {
-                if (*(*c).write).timer_set() != 0 {
-                    ngx::ffi::ngx_del_timer((*c).write);
-                }
-            }
-        }
-        Ok(Flushed::Partly) => {
-            // SAFETY: live session.
-            unsafe { arm_write(s) };
-        }
-    }
-}
-
-/// Waits for the socket to take more; a closing session waits only so long.
-///
-/// # Safety
-/// `s` must be a live session.
-unsafe fn arm_write(s: *mut Session) {
-    // SAFETY: live session (caller).
-    unsafe {
-        let c = (*s).c;
-        if ngx_handle_write_event((*c).write, 0) != NGX_OK as isize {
-            finish(s);
-            return;
-        }
-        if (*s).closing {
-            // A closing client gets nginx's `send_timeout` to take its last
-            // frames, the close frame among them.
-            ngx::ffi::ngx_add_timer((*c).write, (*s).linger);
-        }
-    }
-}
-
-/// Frees the HTTP request once the 101 has left: nginx writes the
-/// access-log line now, and the request's pool and header buffers (8 KB or
-/// more per connection) go back while the session goes on.
-///
-/// # Safety
-/// `s` must be a live session, called from an event handler (never inside
-/// nginx's processing of the request).
-unsafe fn release_request(s: *mut Session) {
-    // SAFETY: live session (caller); a held request is live.
-    unsafe {
-        let session = &mut *s;
-        let Some(r) = session.request.map(NonNull::as_ptr) else {
+impl Session {
+    /// Frees the HTTP request once the 101 has left: nginx writes the
+    /// access-log line now, and the request's pool and header buffers (8 KB or
+    /// more per connection) go back while the session goes on.
+    ///
+    /// `read` and `write` are the handlers that find the session through
+    /// `c->data` from then on.
+    ///
+    /// # Safety
+    /// Called from an event handler, never inside nginx's processing of the
+    /// request.
+    pub unsafe fn release_request(
+        &mut self,
+        read: ngx::ffi::ngx_event_handler_pt,
+        write: ngx::ffi::ngx_event_handler_pt,
+    ) {
+        let Some(r) = self.request.map(NonNull::as_ptr) else {
             return;
         };
-        let c = session.c;
-        if !(*r).out.is_null() || (*c).buffered() != 0 || (*r).count() != 1 || (*r).blocked() != 0 {
-            return;
+        let c = self.c;
+        // SAFETY: a held request is live, and so is its connection.
+        unsafe {
+            if !(*r).out.is_null()
+                || (*c).buffered() != 0
+                || (*r).count() != 1
+                || (*r).blocked() != 0
+            {
+                return;
+            }
+            let hc = (*r).http_connection;
+            (*r).set_count(0);
+            self.request = None;
+            ngx_http_free_request(r, 0);
+            // Set by nginx for a closing connection; this one stays open, and
+            // its error-log lines should not say "while closing request".
+            (*c).set_destroyed(0);
+            (*(*c).log).action = ptr::null_mut();
+            (*c).data = key_ptr(self.key);
+            (*(*c).read).handler = read;
+            (*(*c).write).handler = write;
+            free_header_buffers(c, hc);
         }
-        let hc = (*r).http_connection;
-        (*r).set_count(0);
-        session.request = None;
-        ngx_http_free_request(r, 0);
-        // Set by nginx for a closing connection; this one stays open, and
-        // its error-log lines should not say "while closing request".
-        (*c).set_destroyed(0);
-        (*(*c).log).action = ptr::null_mut();
-        (*c).data = s.cast();
-        (*(*c).read).handler = Some(on_read::<ViaConnection>);
-        (*(*c).write).handler = Some(on_write::<ViaConnection>);
-        free_header_buffers(c, hc);
     }
 }
 
@@ -669,28 +721,29 @@ unsafe fn free_header_buffers(c: *mut ngx_connection_t, hc: *mut ngx_http_connec
     }
 }
 
-/// Ends the session: nginx writes the access-log line if the request is
-/// still held and frees it, then closes the connection (and with its pool
-/// frees the session).
-///
-/// # Safety
-/// `s` must be a live session; it is freed on return.
-unsafe fn finish(s: *mut Session) {
-    // SAFETY: the session is live until its connection is closed, which is
-    // the last thing done here. With a request, this is
-    // ngx_http_close_request for an HTTP/1.x request, spelled out because
-    // older nginx (1.22) does not export it.
-    unsafe {
-        let c = (*s).c;
-        if let Some(r) = (*s).request.map(NonNull::as_ptr) {
-            let r = (*r).main;
-            let count = (*r).count();
-            (*r).set_count(count.saturating_sub(1));
-            if count > 1 || (*r).blocked() != 0 {
-                return;
+impl Finish {
+    /// Ends the connection: nginx writes the access-log line if the request
+    /// is still held and frees it, then closes the connection (whose pool
+    /// cleanup removes the session).
+    ///
+    /// # Safety
+    /// Called with the worker's state not borrowed, for a live connection.
+    pub unsafe fn run(self) {
+        // SAFETY: the connection is live until it is closed, the last thing
+        // done here. With a request, this is ngx_http_close_request for an
+        // HTTP/1.x request, spelled out because older nginx (1.22) does not
+        // export it.
+        unsafe {
+            if let Some(r) = self.request.map(NonNull::as_ptr) {
+                let r = (*r).main;
+                let count = (*r).count();
+                (*r).set_count(count.saturating_sub(1));
+                if count > 1 || (*r).blocked() != 0 {
+                    return;
+                }
+                ngx_http_free_request(r, 0);
             }
-            ngx_http_free_request(r, 0);
+            ngx_http_close_connection(self.c);
         }
-        ngx_http_close_connection(c);
     }
 }

@@ -1,67 +1,326 @@
-//! Per-worker state: the Redis links (one per configured endpoint, opened on
-//! first use) and the event-id generator. nginx workers are single-threaded;
-//! this state is created in `init_process` and torn down in `exit_process`.
+//! Per-worker state and the one door into it. nginx calls the handlers
+//! below for every event of a client or Redis connection; each enters the
+//! state exactly once through `with`, so there is one mutable path to each
+//! piece at a time: sessions live in a slab and are reached by key, rooms
+//! and their Redis link by endpoint index. What must happen outside the
+//! state (closing a connection, which runs nginx's pool cleanups and with
+//! them `session_cleanup`) is carried out after `with` returns.
 
-use core::ptr::{self, NonNull};
+use core::ffi::c_void;
+use core::ptr;
 
-use crate::conf::MainConf;
-use crate::redis_link::Link;
-use wschat_core::envelope::IdGen;
+use ngx::ffi::{ngx_connection_t, ngx_event_t, ngx_http_request_t, NGX_LOG_ALERT};
+use ngx::ngx_log_error;
+use wschat_core::slab::{Key, Slab};
+
+use crate::conf::{LocConf, MainConf};
+use crate::redis_link::{Handlers, Link, Role, Wake};
+use crate::rooms::Rooms;
+use crate::session::{self, close, Finish, Session, Step};
 
 struct Worker {
-    links: Vec<Option<Box<Link>>>,
-    ids: IdGen,
+    sessions: Slab<Session>,
+    /// One per configured Redis endpoint, made on first use, so workers
+    /// that never see a chat client hold no Redis connection.
+    rooms: Vec<Option<Rooms>>,
 }
 
 static mut WORKER: Option<Worker> = None;
+/// Set while `with` lends the state out.
+static mut BUSY: bool = false;
 
-fn with<T>(f: impl FnOnce(&mut Worker) -> T) -> Option<T> {
-    // SAFETY: nginx runs a worker's handlers one at a time on one thread, and
-    // no caller keeps the reference beyond `f`.
-    unsafe { (*ptr::addr_of_mut!(WORKER)).as_mut().map(f) }
+fn cycle_log() -> *mut ngx::ffi::ngx_log_t {
+    // SAFETY: ngx_cycle is the worker's cycle; its log lives as long.
+    unsafe { (*ngx::ffi::ngx_cycle).log }
 }
 
-pub fn random() -> u32 {
-    ngx::ffi::ngx_random() as u32
+fn with<T>(f: impl FnOnce(&mut Worker) -> T) -> Option<T> {
+    // SAFETY: nginx runs a worker's handlers one at a time on one thread;
+    // BUSY refuses a second borrow while one is lent out.
+    unsafe {
+        if *ptr::addr_of!(BUSY) {
+            ngx_log_error!(
+                NGX_LOG_ALERT,
+                cycle_log(),
+                "websocket_chat: worker state entered twice"
+            );
+            return None;
+        }
+        let worker = (*ptr::addr_of_mut!(WORKER)).as_mut()?;
+        *ptr::addr_of_mut!(BUSY) = true;
+        let out = f(worker);
+        *ptr::addr_of_mut!(BUSY) = false;
+        Some(out)
+    }
 }
 
 pub fn init() {
-    // SAFETY: ngx_pid is set before workers start and never changes after.
-    let pid = u64::from(unsafe { ngx::ffi::ngx_pid } as u32);
-    let seed = (u64::from(random()) << 16) ^ pid ^ (crate::time::now_ms() << 20);
+    crate::ids::init();
     // SAFETY: called once per worker before any request is served.
     unsafe {
         *ptr::addr_of_mut!(WORKER) = Some(Worker {
-            links: Vec::new(),
-            ids: IdGen::new(seed),
+            sessions: Slab::new(),
+            rooms: Vec::new(),
         })
     };
 }
 
-/// Closes every Redis connection, so the worker exits with no socket open.
+/// Closes every session (1001) before the Redis links go, so the worker
+/// exits with no socket open and no session pointing at a freed link.
 pub fn shutdown() {
-    // SAFETY: as in `init`; sessions are gone by the time nginx calls this.
+    for finish in with(Worker::close_all).unwrap_or_default() {
+        // SAFETY: the state is not borrowed; each connection is live.
+        unsafe { finish.run() };
+    }
+    // SAFETY: as in `init`; nothing refers to the state any more.
     unsafe { *ptr::addr_of_mut!(WORKER) = None };
 }
 
-/// The link to endpoint `index`, opened on first use.
-pub fn link(main: &'static MainConf, index: usize) -> Option<NonNull<Link>> {
-    let endpoint = main.endpoints.get(index)?;
-    with(|w| {
-        if w.links.len() <= index {
-            w.links
-                .resize_with(main.endpoints.len().max(index + 1), || None);
+/// Takes over an upgraded request as a session.
+///
+/// # Safety
+/// `r` must be a main request whose 101 header has been sent, with its
+/// reference count raised for the session.
+pub unsafe fn start_session(
+    r: *mut ngx_http_request_t,
+    main: &'static MainConf,
+    conf: &'static LocConf,
+    room: String,
+    user: String,
+    preread: Vec<u8>,
+) -> Result<(), ()> {
+    // SAFETY: as the caller promises.
+    let started = with(|w| unsafe { w.start_session(r, main, conf, room, user, preread) });
+    match started {
+        Some(Ok(finish)) => {
+            if let Some(finish) = finish {
+                // SAFETY: the state is not borrowed; the connection is live.
+                unsafe { finish.run() };
+            }
+            Ok(())
         }
-        let link = w.links[index].get_or_insert_with(|| {
-            // SAFETY: ngx_cycle is the worker's cycle; its log lives as long.
-            let log = unsafe { (*ngx::ffi::ngx_cycle).log };
-            Link::new(endpoint, main, log)
-        });
-        NonNull::from(&mut **link)
-    })
+        _ => Err(()),
+    }
 }
 
-/// An id for a new event, unique across workers and hosts.
-pub fn next_id() -> String {
-    with(|w| w.ids.next_id()).unwrap_or_default()
+static LINK_HANDLERS: Handlers = Handlers {
+    read: [Some(link_read::<true>), Some(link_read::<false>)],
+    write: [Some(link_write::<true>), Some(link_write::<false>)],
+    retry: [Some(link_retry::<true>), Some(link_retry::<false>)],
+};
+
+impl Worker {
+    fn rooms(&mut self, main: &'static MainConf, index: usize) -> Option<&mut Rooms> {
+        let endpoint = main.endpoints.get(index)?;
+        if self.rooms.len() <= index {
+            self.rooms
+                .resize_with(main.endpoints.len().max(index + 1), || None);
+        }
+        let rooms = self.rooms[index].get_or_insert_with(|| {
+            // The token is never zero, so it is never a null c->data.
+            let link = Link::new(endpoint, main, cycle_log(), index + 1, &LINK_HANDLERS);
+            Rooms::new(link)
+        });
+        Some(rooms)
+    }
+
+    /// # Safety
+    /// As for the free function `start_session`.
+    unsafe fn start_session(
+        &mut self,
+        r: *mut ngx_http_request_t,
+        main: &'static MainConf,
+        conf: &'static LocConf,
+        room: String,
+        user: String,
+        preread: Vec<u8>,
+    ) -> Result<Option<Finish>, ()> {
+        self.rooms(main, conf.redis()).ok_or(())?;
+        let key = self.sessions.next_key();
+        // SAFETY: as the caller promises.
+        let session = unsafe { Session::new(key, r, conf, room, user, preread) };
+        self.sessions.insert(session);
+        let s = self.sessions.get_mut(key).ok_or(())?;
+        let read = Some(session_read::<true> as unsafe extern "C" fn(*mut ngx_event_t));
+        let write = Some(session_write::<true> as unsafe extern "C" fn(*mut ngx_event_t));
+        // SAFETY: as the caller promises; the slab keeps the session under
+        // `key` until session_cleanup removes it.
+        if unsafe { s.attach(read, write, Some(session_cleanup)) }.is_err() {
+            self.sessions.remove(key);
+            return Err(());
+        }
+        let rooms = (self.rooms.get_mut(s.endpoint))
+            .and_then(Option::as_mut)
+            .ok_or(())?;
+        rooms.join(s);
+        if s.frees_request_early() {
+            // The request can only go once nginx is done with it, after this
+            // content handler: the write handler frees it.
+            s.wake_writer();
+        }
+        // Bytes may already be waiting behind the handshake.
+        let step = s.on_read(&mut rooms.link, false);
+        Ok(self.conclude(key, step))
+    }
+
+    /// Carries out a session's step, flushes it, and hands the link's
+    /// events to the rooms. Returns the connection to end, if it is over.
+    fn conclude(&mut self, key: Key, step: Step) -> Option<Finish> {
+        let s = self.sessions.get_mut(key)?;
+        let rooms = self.rooms.get_mut(s.endpoint)?.as_mut()?;
+        let step = match step {
+            Step::Close(code, reason) => {
+                rooms.close(s, code, reason);
+                s.flush()
+            }
+            Step::Flush => s.flush(),
+            Step::Finish => Step::Finish,
+        };
+        let finish = (step == Step::Finish).then(|| s.finish());
+        rooms.handle_events(&mut self.sessions);
+        finish
+    }
+
+    fn session_read(&mut self, key: Key, timedout: bool) -> Option<Finish> {
+        let s = self.sessions.get_mut(key)?;
+        let rooms = self.rooms.get_mut(s.endpoint)?.as_mut()?;
+        let step = s.on_read(&mut rooms.link, timedout);
+        self.conclude(key, step)
+    }
+
+    fn session_write(&mut self, key: Key, timedout: bool, holds_request: bool) -> Option<Finish> {
+        let s = self.sessions.get_mut(key)?;
+        if holds_request && s.frees_request_early() {
+            let read = Some(session_read::<false> as unsafe extern "C" fn(*mut ngx_event_t));
+            let write = Some(session_write::<false> as unsafe extern "C" fn(*mut ngx_event_t));
+            // SAFETY: called from the write event handler, outside nginx's
+            // processing of the request.
+            unsafe { s.release_request(read, write) };
+        }
+        let step = s.on_write(timedout);
+        self.conclude(key, step)
+    }
+
+    fn remove_session(&mut self, key: Key) {
+        let Some(mut s) = self.sessions.remove(key) else {
+            return;
+        };
+        if let Some(rooms) = self.rooms.get_mut(s.endpoint).and_then(Option::as_mut) {
+            rooms.leave(&mut s);
+            rooms.handle_events(&mut self.sessions);
+        }
+    }
+
+    fn link_wake(&mut self, token: usize, role: Role, wake: Wake) {
+        let index = token.wrapping_sub(1);
+        if let Some(rooms) = self.rooms.get_mut(index).and_then(Option::as_mut) {
+            rooms.link.on_wake(role, wake);
+            rooms.handle_events(&mut self.sessions);
+        }
+    }
+
+    fn close_all(&mut self) -> Vec<Finish> {
+        let mut finishes = Vec::new();
+        for key in self.sessions.keys() {
+            let Some(s) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            if let Some(rooms) = self.rooms.get_mut(s.endpoint).and_then(Option::as_mut) {
+                rooms.close(s, close::GOING_AWAY, "server shutting down");
+            }
+            // The close frame goes if the socket takes it; the worker exits
+            // either way.
+            let _ = s.flush();
+            finishes.push(s.finish());
+        }
+        finishes
+    }
+}
+
+/// Runs a session handler's work on the state, then ends its connection if
+/// that is what came of it.
+fn session_event(work: impl FnOnce(&mut Worker) -> Option<Finish>) {
+    if let Some(Some(finish)) = with(work) {
+        // SAFETY: the state is not borrowed; the connection is live.
+        unsafe { finish.run() };
+    }
+}
+
+/// The read handler of a session's connection; `HOLDS_REQUEST` says where
+/// it finds the session's key (see `session::key_of_connection`).
+unsafe extern "C" fn session_read<const HOLDS_REQUEST: bool>(ev: *mut ngx_event_t) {
+    // SAFETY: nginx calls this for a connection a session attached to; the
+    // event is live for the duration of the handler.
+    let (key, timedout) = unsafe {
+        let c = (*ev).data.cast::<ngx_connection_t>();
+        let timedout = (*ev).timedout() != 0;
+        (*ev).set_timedout(0);
+        (session::key_of_connection(c, HOLDS_REQUEST), timedout)
+    };
+    if let Some(key) = key {
+        session_event(|w| w.session_read(key, timedout));
+    }
+}
+
+unsafe extern "C" fn session_write<const HOLDS_REQUEST: bool>(ev: *mut ngx_event_t) {
+    // SAFETY: as in session_read.
+    let (key, timedout) = unsafe {
+        let c = (*ev).data.cast::<ngx_connection_t>();
+        let timedout = (*ev).timedout() != 0;
+        (*ev).set_timedout(0);
+        (session::key_of_connection(c, HOLDS_REQUEST), timedout)
+    };
+    if let Some(key) = key {
+        session_event(|w| w.session_write(key, timedout, HOLDS_REQUEST));
+    }
+}
+
+/// The connection pool's cleanup: the session goes with its connection.
+unsafe extern "C" fn session_cleanup(data: *mut c_void) {
+    if let Some(key) = session::key_of(data) {
+        with(|w| w.remove_session(key));
+    }
+}
+
+fn role(sub: bool) -> Role {
+    if sub {
+        Role::Sub
+    } else {
+        Role::Cmd
+    }
+}
+
+/// The link token a Redis connection's handlers find in `c->data`.
+///
+/// # Safety
+/// `ev` must be an event of a connection opened by a `Link`.
+unsafe fn token_of(ev: *mut ngx_event_t) -> usize {
+    // SAFETY: the Link stored its token in c->data when connecting.
+    unsafe { (*(*ev).data.cast::<ngx_connection_t>()).data as usize }
+}
+
+unsafe extern "C" fn link_read<const SUB: bool>(ev: *mut ngx_event_t) {
+    // SAFETY: nginx calls this for the read event set up by a Link.
+    let (token, wake) = unsafe {
+        let wake = if (*ev).timedout() != 0 {
+            (*ev).set_timedout(0);
+            Wake::Timer
+        } else {
+            Wake::Read
+        };
+        (token_of(ev), wake)
+    };
+    with(|w| w.link_wake(token, role(SUB), wake));
+}
+
+unsafe extern "C" fn link_write<const SUB: bool>(ev: *mut ngx_event_t) {
+    // SAFETY: as for link_read.
+    let token = unsafe { token_of(ev) };
+    with(|w| w.link_wake(token, role(SUB), Wake::Write));
+}
+
+unsafe extern "C" fn link_retry<const SUB: bool>(ev: *mut ngx_event_t) {
+    // SAFETY: arm_retry stored the link's token in the timer's data.
+    let token = unsafe { (*ev).data as usize };
+    with(|w| w.link_wake(token, role(SUB), Wake::Retry));
 }

@@ -12,3 +12,4 @@ pub mod redis_addr;
 pub mod resp;
 pub mod room;
 pub mod send_queue;
+pub mod slab;

@@ -2,6 +2,11 @@
 //! bookkeeping half of the module's send path (the socket half lives with
 //! nginx). Chunks are reference-counted so that one encoded frame can sit in
 //! the queues of every recipient without a copy.
+//!
+//! A client that keeps up still sees bursts: one read from Redis can carry
+//! many messages, all queued before the socket is offered any. So the limit
+//! has two parts, as Redis's own client output buffers do: bytes over
+//! `soft` are allowed for `grace_ms`, and never more than `burst` of them.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -14,29 +19,71 @@ struct Chunk {
     sent: usize,
 }
 
+/// How many bytes may wait, and for how long past `soft`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub soft: usize,
+    pub burst: usize,
+    pub grace_ms: u64,
+}
+
+impl Limit {
+    /// A plain byte limit, with no burst allowance.
+    pub fn strict(bytes: usize) -> Self {
+        Limit {
+            soft: bytes,
+            burst: 0,
+            grace_ms: 0,
+        }
+    }
+}
+
 pub struct SendQueue {
     chunks: VecDeque<Chunk>,
     bytes: usize,
-    limit: usize,
+    limit: Limit,
+    /// Since when the queue has held more than `limit.soft` bytes.
+    over_since: Option<u64>,
 }
 
 impl SendQueue {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: Limit) -> Self {
         SendQueue {
             chunks: VecDeque::new(),
             bytes: 0,
             limit,
+            over_since: None,
         }
     }
 
-    /// Queues a chunk unless that would pass the byte limit.
-    pub fn push(&mut self, data: Rc<[u8]>) -> Result<(), Full> {
-        if self.bytes + data.len() > self.limit {
-            return Err(Full);
+    /// Queues a chunk unless that would pass the limit; `now_ms` times how
+    /// long the queue has been over its soft limit.
+    pub fn push(&mut self, data: Rc<[u8]>, now_ms: u64) -> Result<(), Full> {
+        let after = self.bytes + data.len();
+        if after > self.limit.soft {
+            if after > self.limit.soft + self.limit.burst {
+                return Err(Full);
+            }
+            let since = *self.over_since.get_or_insert(now_ms);
+            if now_ms.saturating_sub(since) > self.limit.grace_ms {
+                return Err(Full);
+            }
         }
-        self.bytes += data.len();
+        self.bytes = after;
         self.chunks.push_back(Chunk { data, sent: 0 });
         Ok(())
+    }
+
+    /// Bytes waiting to be sent.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The soft limit is measured again whenever bytes leave or are dropped.
+    fn recheck(&mut self) {
+        if self.bytes <= self.limit.soft {
+            self.over_since = None;
+        }
     }
 
     /// Puts a chunk ahead of everything else (connection setup), regardless
@@ -69,6 +116,7 @@ impl SendQueue {
         {
             self.bytes -= data.len();
             self.chunks.pop_front();
+            self.recheck();
         }
     }
 
@@ -78,6 +126,7 @@ impl SendQueue {
             Some(c) if c.sent > 0 => {
                 self.bytes -= c.data.len() - c.sent;
                 self.chunks.pop_front();
+                self.recheck();
                 true
             }
             _ => false,
@@ -90,6 +139,7 @@ impl SendQueue {
         let keep = usize::from(self.chunks.front().is_some_and(|c| c.sent > 0));
         self.chunks.truncate(keep);
         self.bytes = self.chunks.front().map_or(0, |c| c.data.len() - c.sent);
+        self.recheck();
     }
 
     pub fn is_empty(&self) -> bool {
@@ -104,6 +154,7 @@ impl SendQueue {
     pub fn clear(&mut self) {
         self.chunks.clear();
         self.bytes = 0;
+        self.over_since = None;
     }
 
     /// The unsent bytes of the first `n` chunks, in order: what the next
@@ -127,6 +178,7 @@ impl SendQueue {
             self.chunks.pop_front();
             done += 1;
         }
+        self.recheck();
         done
     }
 }
@@ -147,10 +199,10 @@ mod tests {
 
     #[test]
     fn push_respects_the_limit_but_the_bypasses_do_not() {
-        let mut q = SendQueue::new(10);
-        assert_eq!(q.push(chunk("12345")), Ok(()));
-        assert_eq!(q.push(chunk("123456")), Err(Full));
-        assert_eq!(q.push(chunk("12345")), Ok(()));
+        let mut q = SendQueue::new(Limit::strict(10));
+        assert_eq!(q.push(chunk("12345"), 0), Ok(()));
+        assert_eq!(q.push(chunk("123456"), 0), Err(Full));
+        assert_eq!(q.push(chunk("12345"), 0), Ok(()));
         q.push_unbounded(chunk("close"));
         q.push_front(chunk("auth"));
         assert_eq!(pending(&q), ["auth", "12345", "12345", "close"]);
@@ -159,9 +211,9 @@ mod tests {
 
     #[test]
     fn advance_pops_whole_chunks_and_remembers_a_partial_one() {
-        let mut q = SendQueue::new(100);
+        let mut q = SendQueue::new(Limit::strict(100));
         for s in ["abc", "defg", "hi"] {
-            q.push(chunk(s)).unwrap();
+            q.push(chunk(s), 0).unwrap();
         }
         assert_eq!(q.advance(5), 1);
         assert_eq!(pending(&q), ["fg", "hi"]);
@@ -169,23 +221,23 @@ mod tests {
         assert_eq!(q.advance(4), 2);
         assert!(q.is_empty());
         // Room is freed as bytes leave.
-        assert_eq!(q.push(chunk(&"x".repeat(100))), Ok(()));
+        assert_eq!(q.push(chunk(&"x".repeat(100)), 0), Ok(()));
     }
 
     #[test]
     fn pending_is_limited_to_n_chunks() {
-        let mut q = SendQueue::new(100);
+        let mut q = SendQueue::new(Limit::strict(100));
         for s in ["a", "b", "c"] {
-            q.push(chunk(s)).unwrap();
+            q.push(chunk(s), 0).unwrap();
         }
         assert_eq!(q.pending(2).count(), 2);
     }
 
     #[test]
     fn a_partly_sent_chunk_survives_truncation_and_nothing_else_does() {
-        let mut q = SendQueue::new(100);
+        let mut q = SendQueue::new(Limit::strict(100));
         for s in ["abcd", "efg"] {
-            q.push(chunk(s)).unwrap();
+            q.push(chunk(s), 0).unwrap();
         }
         q.advance(1);
         q.truncate_to_partial();
@@ -194,16 +246,47 @@ mod tests {
         assert!(q.is_empty());
         assert!(!q.drop_partial_front());
         // Nothing part-way out: truncation empties the queue.
-        q.push(chunk("xyz")).unwrap();
+        q.push(chunk("xyz"), 0).unwrap();
         q.truncate_to_partial();
         assert!(q.is_empty());
     }
 
     #[test]
+    fn a_burst_may_pass_the_soft_limit_for_the_grace_time_only() {
+        let limit = Limit {
+            soft: 10,
+            burst: 20,
+            grace_ms: 100,
+        };
+        let mut q = SendQueue::new(limit);
+        assert_eq!(q.push(chunk("0123456789"), 1000), Ok(()));
+        // Over soft from t=1000: allowed within the grace time...
+        assert_eq!(q.push(chunk("0123456789"), 1000), Ok(()));
+        assert_eq!(q.push(chunk("0123456789"), 1100), Ok(()));
+        // ...but never past soft + burst...
+        assert_eq!(q.push(chunk("x"), 1100), Err(Full));
+        // ...and not after the grace time while it stays over.
+        q.advance(10);
+        assert_eq!(q.push(chunk("x"), 1101), Err(Full));
+        // Back under soft: the clock starts over.
+        q.advance(11);
+        assert_eq!(q.bytes(), 9);
+        assert_eq!(q.push(chunk("0123456789"), 5000), Ok(()));
+        assert_eq!(q.push(chunk("x"), 5100), Ok(()));
+    }
+
+    #[test]
+    fn a_strict_limit_has_no_burst() {
+        let mut q = SendQueue::new(Limit::strict(4));
+        assert_eq!(q.push(chunk("abcd"), 0), Ok(()));
+        assert_eq!(q.push(chunk("e"), 0), Err(Full));
+    }
+
+    #[test]
     fn the_setup_chunk_is_recognised_at_the_front_only() {
-        let mut q = SendQueue::new(100);
+        let mut q = SendQueue::new(Limit::strict(100));
         let setup = chunk("AUTH");
-        q.push(chunk("PUBLISH")).unwrap();
+        q.push(chunk("PUBLISH"), 0).unwrap();
         q.push_front(setup.clone());
         assert!(q.front_is(&setup));
         assert!(!q.front_is(&chunk("AUTH")), "same bytes, another chunk");
