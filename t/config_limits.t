@@ -84,6 +84,12 @@ rejects('max_message -1', conf(http => 'websocket_chat_max_message -1;'), 'webso
 rejects('send_buffer "lots"', conf(location => 'websocket_chat_send_buffer lots;'),
         'websocket_chat_send_buffer');
 rejects('send_buffer 0', conf(location => 'websocket_chat_send_buffer 0;'), 'websocket_chat_send_buffer');
+rejects('send_buffer with a bad burst', conf(location => 'websocket_chat_send_buffer 64k burst=lots;'),
+        'websocket_chat_send_buffer');
+rejects('send_buffer with an unknown parameter', conf(location => 'websocket_chat_send_buffer 64k max=1m;'),
+        'websocket_chat_send_buffer');
+accepts('send_buffer with burst=', conf(location => 'websocket_chat_send_buffer 64k burst=512k;'));
+accepts('send_buffer with burst=0', conf(http => 'websocket_chat_send_buffer 1m burst=0;'));
 
 # --- times
 rejects('ping_interval "often"', conf(http => 'websocket_chat_ping_interval often;'),
