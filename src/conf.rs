@@ -31,6 +31,16 @@ const DEFAULT_SEND_BURST: usize = 1024 * 1024;
 /// How long a client may stay over `websocket_chat_send_buffer`.
 const SEND_GRACE_MS: u64 = 5_000;
 const DEFAULT_CHANNEL_PREFIX: &str = "wschat:";
+/// Enough for a joiner to see the conversation and for a member whose
+/// connection blips (or who is moved by a reload) to resume without a gap in
+/// a busy room; at most this many times `websocket_chat_max_message` per
+/// room in Redis.
+const DEFAULT_HISTORY: History = History {
+    count: 100,
+    keep_ms: 3_600_000,
+};
+/// Larger histories make one `history` event too large to send.
+const MAX_HISTORY: usize = 10_000;
 const DEFAULT_PING_INTERVAL: ngx_msec_t = 30_000;
 const DEFAULT_IDLE_TIMEOUT: ngx_msec_t = 60_000;
 const DEFAULT_REDIS_TIMEOUT: ngx_msec_t = 5_000;
@@ -53,6 +63,9 @@ pub struct MainConf {
     pub endpoints: Vec<Endpoint>,
     redis_timeout: Option<ngx_msec_t>,
     redis_backlog: Option<usize>,
+    /// Some chat location keeps history: the command connections load its
+    /// scripts.
+    pub uses_history: bool,
 }
 
 impl MainConf {
@@ -105,6 +118,7 @@ pub struct LocConf {
     max_message: Option<usize>,
     send_buffer: Option<SendLimit>,
     channel_prefix: Option<Box<str>>,
+    history: Option<Option<History>>,
     ping_interval: Option<ngx_msec_t>,
     idle_timeout: Option<ngx_msec_t>,
     /// Where the heartbeat was configured in this block, for errors found
@@ -114,6 +128,13 @@ pub struct LocConf {
     origins: Option<Origins>,
     presence: Option<bool>,
     access_log: Option<LogAt>,
+}
+
+/// `websocket_chat_history number [time]`: how much of a room Redis keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct History {
+    pub count: usize,
+    pub keep_ms: u64,
 }
 
 /// `websocket_chat_send_buffer size [burst=size]`.
@@ -165,6 +186,11 @@ impl LocConf {
             burst,
             grace_ms: SEND_GRACE_MS,
         }
+    }
+
+    /// What Redis keeps of each room, unless history is off.
+    pub fn history(&self) -> Option<History> {
+        self.history.unwrap_or(Some(DEFAULT_HISTORY))
     }
 
     /// Room `r` travels on Redis channel `<prefix>r`.
@@ -254,7 +280,7 @@ const fn main_directive(name: ngx_str_t, set: Setter) -> ngx_command_t {
     }
 }
 
-pub static mut COMMANDS: [ngx_command_t; 16] = [
+pub static mut COMMANDS: [ngx_command_t; 17] = [
     ngx_command_t {
         name: ngx_string!("websocket_chat"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
@@ -279,6 +305,11 @@ pub static mut COMMANDS: [ngx_command_t; 16] = [
         ngx_string!("websocket_chat_send_buffer"),
         NGX_CONF_TAKE12,
         set_send_buffer,
+    ),
+    directive(
+        ngx_string!("websocket_chat_history"),
+        NGX_CONF_TAKE12,
+        set_history,
     ),
     directive(
         ngx_string!("websocket_chat_channel_prefix"),
@@ -352,6 +383,14 @@ pub extern "C" fn merge_loc_conf(
     conf.send_buffer = conf.send_buffer.or(prev.send_buffer);
     if conf.channel_prefix.is_none() {
         conf.channel_prefix = prev.channel_prefix.clone();
+    }
+    conf.history = conf.history.or(prev.history);
+    if conf.enabled && conf.history().is_some() {
+        // SAFETY: merging happens inside the http block, whose main
+        // configuration exists.
+        if let Some(main) = Module::main_conf_mut(unsafe { &*cf }) {
+            main.uses_history = true;
+        }
     }
     conf.ping_interval = conf.ping_interval.or(prev.ping_interval);
     conf.idle_timeout = conf.idle_timeout.or(prev.idle_timeout);
@@ -539,6 +578,32 @@ extern "C" fn set_send_buffer(
             }
         };
         Ok(SendLimit { size, burst })
+    })
+}
+
+extern "C" fn set_history(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).history, |args| {
+        if args[0].as_bytes() == b"off" && args.len() == 1 {
+            return Ok(None);
+        }
+        let count = args[0]
+            .to_str()
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| (1..=MAX_HISTORY).contains(n))
+            .ok_or(ConfError::Invalid("invalid number (1 to 10000, or off)"))?;
+        let keep_ms = match args.get(1) {
+            Some(time) => parse_time(time)?,
+            None => DEFAULT_HISTORY.keep_ms as ngx_msec_t,
+        };
+        Ok(Some(History {
+            count,
+            keep_ms: keep_ms as u64,
+        }))
     })
 }
 

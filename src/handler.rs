@@ -4,9 +4,9 @@
 use core::ptr;
 
 use ngx::ffi::{
-    ngx_exiting, ngx_http_complex_value, ngx_http_complex_value_t, ngx_http_request_t,
-    ngx_http_send_header, ngx_http_send_special, ngx_int_t, ngx_str_t, ngx_tcp_nodelay,
-    NGX_DECLINED, NGX_DONE, NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FLUSH,
+    ngx_exiting, ngx_http_arg, ngx_http_complex_value, ngx_http_complex_value_t,
+    ngx_http_request_t, ngx_http_send_header, ngx_http_send_special, ngx_int_t, ngx_str_t,
+    ngx_tcp_nodelay, NGX_DECLINED, NGX_DONE, NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FLUSH,
     NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_SWITCHING_PROTOCOLS,
     NGX_LOG_INFO, NGX_OK,
 };
@@ -14,6 +14,7 @@ use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule, Request};
 use ngx::ngx_log_error;
 
 use crate::conf::{self, LocConf, Origins};
+use crate::session::Upgrade;
 use crate::{ids, worker};
 use wschat_core::handshake::{self, Rejection};
 use wschat_core::names;
@@ -92,7 +93,13 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
     unsafe {
         let main_req = &mut *req.main;
         main_req.set_count(main_req.count() + 1);
-        if worker::start_session(r, main, lc, room, user, preread).is_err() {
+        let upgrade = Upgrade {
+            room,
+            user,
+            since: since(req).map(|s| String::from_utf8_lossy(&s).into_owned()),
+            preread,
+        };
+        if worker::start_session(r, main, lc, upgrade).is_err() {
             // No session took the reference: give it back so that nginx's
             // finalization frees the request.
             main_req.set_count(main_req.count() - 1);
@@ -206,6 +213,25 @@ fn send_switching_protocols(req: &mut ngx_http_request_t, accept: &str) -> Resul
         }
     }
     Ok(())
+}
+
+/// The id of the last message a reconnecting client saw: the `since` query
+/// argument, or a `Last-Event-ID` header (as EventSource sends) for clients
+/// that cannot change the URL.
+fn since(req: &mut ngx_http_request_t) -> Option<Vec<u8>> {
+    let mut value = ngx_str_t::default();
+    let name = b"since";
+    // SAFETY: the request is live; nginx points `value` into its arguments.
+    let rc = unsafe { ngx_http_arg(req, name.as_ptr().cast_mut(), name.len(), &mut value) };
+    if rc == NGX_OK as isize {
+        return Some(value.as_bytes().to_vec());
+    }
+    // SAFETY: the request is live; Request is a transparent wrapper.
+    let request = unsafe { Request::from_ngx_http_request(req) };
+    request
+        .headers_in_iterator()
+        .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(b"last-event-id"))
+        .map(|(_, v)| v.as_bytes().to_vec())
 }
 
 fn take_preread(req: &mut ngx_http_request_t) -> Vec<u8> {

@@ -21,7 +21,10 @@ use ngx::ffi::{
 use ngx::ngx_log_error;
 use redis::Value;
 use wschat_core::backoff::Backoff;
+use wschat_core::history::{self, Position};
 use wschat_core::resp::{self, Limits};
+
+use wschat_core::envelope;
 
 use crate::conf::{Endpoint, MainConf};
 use crate::ids;
@@ -82,6 +85,13 @@ pub enum Event {
     SubscribeRefused(Box<str>),
     /// Redis refused a PUBLISH (the link has logged why).
     PublishRefused(Tag),
+    /// The reply to `fetch`; `None` if the connection dropped before it
+    /// came (ask again).
+    Fetched {
+        tag: Tag,
+        channel: Box<str>,
+        reply: Option<Value>,
+    },
     /// Delivery stopped: a connection is down or not yet following every
     /// channel.
     Outage,
@@ -113,6 +123,38 @@ enum Pending {
     Unsubscribe(Box<str>),
     Ping,
     Publish(Tag),
+    Fetch(Tag, Box<str>),
+    /// SCRIPT LOAD again, after Redis forgot the scripts.
+    Load,
+}
+
+/// The history scripts, sent by hash once the command connection has
+/// loaded them.
+struct Scripts {
+    append: redis::Script,
+    fetch: redis::Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            append: redis::Script::new(history::APPEND_SCRIPT),
+            fetch: redis::Script::new(history::FETCH_SCRIPT),
+        }
+    }
+
+    fn load_commands(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for code in [history::APPEND_SCRIPT, history::FETCH_SCRIPT] {
+            out.extend(
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(code)
+                    .get_packed_command(),
+            );
+        }
+        out
+    }
 }
 
 fn now() -> ngx_msec_t {
@@ -124,8 +166,10 @@ fn now() -> ngx_msec_t {
 struct Conn {
     peer: PeerConn,
     backoff: Backoff,
-    /// AUTH / SELECT replies expected before anything else.
+    /// Setup replies (AUTH, SELECT, SCRIPT LOAD) expected before anything
+    /// else, and how many there were.
     setup_pending: usize,
+    setup_total: usize,
     /// The AUTH / SELECT chunk put ahead of a backlog, so that a connection
     /// dropping before sending it does not leave it behind for the next one.
     setup_chunk: Option<Rc<[u8]>>,
@@ -142,6 +186,7 @@ impl Conn {
             peer,
             backoff: Backoff::default(),
             setup_pending: 0,
+            setup_total: 0,
             setup_chunk: None,
             pending: VecDeque::new(),
             waiting_since: None,
@@ -195,6 +240,8 @@ pub struct Link {
     parser: redis::Parser,
     /// What happened since the rooms layer last looked.
     events: Vec<Event>,
+    /// Loaded on the command connection when some location keeps history.
+    scripts: Option<Scripts>,
 }
 
 fn packed(args: &[&[u8]]) -> Rc<[u8]> {
@@ -249,6 +296,7 @@ impl Link {
             channels: HashMap::new(),
             parser: redis::Parser::new(),
             events: Vec::new(),
+            scripts: main.uses_history.then(Scripts::new),
         })
     }
 
@@ -320,11 +368,16 @@ impl Link {
             Self::name(role),
             self.display
         );
-        let setup = self.endpoint.addr.setup_commands();
-        let setup_replies = self.endpoint.addr.setup_reply_count();
+        let mut setup = self.endpoint.addr.setup_commands();
+        let mut setup_replies = self.endpoint.addr.setup_reply_count();
+        if let (Role::Cmd, Some(scripts)) = (role, &self.scripts) {
+            setup.extend(scripts.load_commands());
+            setup_replies += 2;
+        }
         let timeout = self.timeout;
         let conn = self.conn(role);
         conn.setup_pending = setup_replies;
+        conn.setup_total = setup_replies;
         conn.waiting_since = None;
         if !setup.is_empty() {
             let chunk: Rc<[u8]> = Rc::from(setup);
@@ -374,13 +427,24 @@ impl Link {
                 conn.peer.queue.drop_partial_front();
                 let waiting = conn.peer.queue.chunk_count();
                 let in_doubt = conn.pending.len().saturating_sub(waiting);
-                conn.pending.drain(..in_doubt);
-                if in_doubt > 0 {
+                let mut messages = 0;
+                for lost in self.cmd.pending.drain(..in_doubt) {
+                    match lost {
+                        Pending::Fetch(tag, channel) => self.events.push(Event::Fetched {
+                            tag,
+                            channel,
+                            reply: None,
+                        }),
+                        Pending::Publish(_) => messages += 1,
+                        _ => {}
+                    }
+                }
+                if messages > 0 {
                     ngx_log_error!(
                         NGX_LOG_WARN,
                         log,
                         "websocket_chat: {} message(s) in flight to Redis {} may be lost",
-                        in_doubt,
+                        messages,
                         self.display
                     );
                 }
@@ -523,6 +587,57 @@ impl Link {
         self.cmd.queue_command(cmd, Pending::Publish(tag))
     }
 
+    /// Appends a message to its room's history and publishes it, in one
+    /// step in Redis: the stream entry id becomes the event's id. `head` is
+    /// the event up to its id (see `envelope::message_head`).
+    pub fn append(
+        &mut self,
+        channel: &str,
+        head: &str,
+        keep: (usize, u64),
+        tag: Tag,
+    ) -> Result<(), BacklogFull> {
+        self.ensure_started();
+        let Some(scripts) = &self.scripts else {
+            return Err(BacklogFull);
+        };
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(scripts.append.get_hash())
+            .arg(1)
+            .arg(channel)
+            .arg(keep.0)
+            .arg(keep.1)
+            .arg(head)
+            .arg(envelope::ID_TAIL);
+        let packed = Rc::from(cmd.get_packed_command());
+        self.cmd.queue_command(packed, Pending::Publish(tag))
+    }
+
+    /// Asks for a room's messages after `since` (the newest ones if
+    /// `None`), at most `count`; the answer comes as `Event::Fetched`.
+    pub fn fetch(
+        &mut self,
+        channel: &str,
+        since: Option<Position>,
+        count: usize,
+        tag: Tag,
+    ) -> Result<(), BacklogFull> {
+        self.ensure_started();
+        let Some(scripts) = &self.scripts else {
+            return Err(BacklogFull);
+        };
+        let since = since.map(|p| p.to_string()).unwrap_or_default();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(scripts.fetch.get_hash())
+            .arg(1)
+            .arg(channel)
+            .arg(since)
+            .arg(count);
+        let packed = Rc::from(cmd.get_packed_command());
+        self.cmd
+            .queue_command(packed, Pending::Fetch(tag, channel.into()))
+    }
+
     /// Carries out what nginx woke the link for.
     pub fn on_wake(&mut self, role: Role, wake: Wake) {
         match wake {
@@ -642,23 +757,72 @@ impl Link {
             return self.check_setup(Role::Cmd, value);
         }
         let answered = self.cmd.pending.pop_front();
-        if let Value::ServerError(err) = value {
-            self.log_refusal("a PUBLISH", &err);
-            if let Some(Pending::Publish(tag)) = answered {
+        if let Value::ServerError(err) = &value {
+            if err.code() == "NOSCRIPT" && !matches!(answered, Some(Pending::Load)) {
+                self.reload_scripts();
+            }
+        }
+        match (answered, value) {
+            (Some(Pending::Fetch(tag, channel)), reply) => self.events.push(Event::Fetched {
+                tag,
+                channel,
+                reply: Some(reply),
+            }),
+            (Some(Pending::Publish(tag)), Value::ServerError(err)) => {
+                self.log_refusal("a PUBLISH", &err);
                 self.events.push(Event::PublishRefused(tag));
             }
+            (_, Value::ServerError(err)) => self.log_refusal("a command", &err),
+            _ => {}
         }
         Ok(())
     }
 
+    /// Redis lost the scripts (SCRIPT FLUSH, a restart behind a proxy):
+    /// load them again, once, ahead of whatever is still queued.
+    fn reload_scripts(&mut self) {
+        if self.scripts.is_none() {
+            return;
+        }
+        if self.cmd.pending.iter().any(|p| matches!(p, Pending::Load)) {
+            return;
+        }
+        for code in [history::APPEND_SCRIPT, history::FETCH_SCRIPT] {
+            let load = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(code)
+                .get_packed_command();
+            // The queue is the backlog, but these must go.
+            self.cmd.peer.queue.push_unbounded(Rc::from(load));
+            self.cmd.pending.push_back(Pending::Load);
+        }
+        self.cmd.peer.schedule_flush();
+    }
+
+    /// Which setup command the reply at `index` answers: AUTH and SELECT
+    /// as the address asks, then the script loads.
+    fn setup_name(&self, index: usize) -> &'static str {
+        let addr = &self.endpoint.addr;
+        let auth_select = [
+            addr.password.as_ref().map(|_| "AUTH"),
+            addr.db.map(|_| "SELECT"),
+        ];
+        (auth_select.into_iter().flatten())
+            .nth(index)
+            .unwrap_or("SCRIPT LOAD")
+    }
+
     fn check_setup(&mut self, role: Role, value: Value) -> Result<(), &'static str> {
         if let Value::ServerError(err) = value {
+            let conn = self.conn(role);
+            let index = conn.setup_total - conn.setup_pending - 1;
             ngx_log_error!(
                 NGX_LOG_ERR,
                 self.log,
-                "websocket_chat: Redis {} refused the {} connection's AUTH/SELECT: {}",
+                "websocket_chat: Redis {} refused the {} connection's {}: {}",
                 self.display,
                 Self::name(role),
+                self.setup_name(index),
                 error_text(&err)
             );
             return Err("command refused");

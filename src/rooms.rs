@@ -4,8 +4,13 @@
 //! once a room is live, error events and closes when Redis refuses a room,
 //! notices when delivery stops and resumes.
 
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use redis::Value;
 use wschat_core::envelope::{self, Status};
 use wschat_core::frame;
+use wschat_core::history::{self, Position, Request};
 use wschat_core::room::Registry;
 use wschat_core::slab::{Key, Slab};
 
@@ -13,13 +18,31 @@ use ngx::ffi::NGX_LOG_WARN;
 use ngx::ngx_log_error;
 
 use crate::redis_link::{Event, Link};
-use crate::session::{close, Session};
+use crate::session::{close, Held, Session};
 use crate::{ids, time};
+
+/// Live messages a recovering room holds at most; past it, recovery is
+/// given up (and logged) rather than memory spent.
+const RECOVERY_HOLD: usize = 8 << 20;
+
+/// What a worker knows of one room beyond its members.
+#[derive(Default)]
+struct Room {
+    /// The newest message delivered here: after an outage, what came later
+    /// is fetched from the room's history.
+    last: Option<Position>,
+    /// The channel has been live: a later `Subscribed` follows an outage.
+    was_live: bool,
+    /// Set while messages missed during an outage are fetched; live ones
+    /// wait so that the missed ones go first.
+    recovering: Option<(Request, Held)>,
+}
 
 pub struct Rooms {
     pub link: Box<Link>,
     /// Channel → keys of the local sessions in that room.
     members: Registry<Key>,
+    rooms: HashMap<Box<str>, Room>,
     /// The event buffer handed back to the link between turns.
     spare: Vec<Event>,
 }
@@ -32,6 +55,7 @@ impl Rooms {
         Rooms {
             link,
             members: Registry::new(),
+            rooms: HashMap::new(),
             spare: Vec::new(),
         }
     }
@@ -39,7 +63,9 @@ impl Rooms {
     /// Adds a session to its room. It is welcomed once the room's channel
     /// is live (at once if it already is).
     pub fn join(&mut self, s: &mut Session) {
-        self.members.join(s.channel(), s.key());
+        if self.members.join(s.channel(), s.key()) {
+            self.rooms.insert(s.channel().into(), Room::default());
+        }
         s.in_room = true;
         if self.link.in_outage() {
             s.notify(
@@ -60,6 +86,7 @@ impl Rooms {
         }
         s.in_room = false;
         if self.members.leave(s.channel(), s.key()) {
+            self.rooms.remove(s.channel());
             self.link.unsubscribe(s.channel());
         }
         if !s.welcomed() || !s.announces_presence() {
@@ -70,6 +97,7 @@ impl Rooms {
             envelope::Presence::Leave,
             s.room(),
             s.user(),
+            s.sid(),
             time::now_ms(),
             &id,
         );
@@ -84,30 +112,36 @@ impl Rooms {
         }
     }
 
-    /// Sends `welcome` to a member whose room is live, and tells the room
-    /// it joined.
+    /// Sends `welcome` to a member whose room is live, asks for its
+    /// history, and tells the room it joined.
     fn welcome(&mut self, s: &mut Session) {
         let Some(early) = s.welcome() else {
             return;
         };
-        let join = s.announces_presence().then(|| {
+        // Asked for before anything below is published, so that Redis
+        // answers with the history as it was before them.
+        s.start_catch_up(&mut self.link);
+        if s.announces_presence() {
             let id = ids::next_id();
-            envelope::presence(
+            let join = envelope::presence(
                 envelope::Presence::Join,
                 s.room(),
                 s.user(),
+                s.sid(),
                 time::now_ms(),
                 &id,
-            )
-        });
-        // The join goes first so that the room sees the member before
-        // anything the member typed while the subscription was pending.
-        for event in join.into_iter().chain(early) {
+            );
             if self
                 .link
-                .publish(s.channel(), &event, s.key().to_raw())
+                .publish(s.channel(), &join, s.key().to_raw())
                 .is_err()
             {
+                s.notify_backlog_full();
+            }
+        }
+        // Then what the member typed while the subscription was pending.
+        for head in early {
+            if s.send_message(&mut self.link, head).is_err() {
                 s.notify_backlog_full();
             }
         }
@@ -132,6 +166,11 @@ impl Rooms {
         match event {
             Event::Message { channel, payload } => self.deliver(sessions, &channel, &payload),
             Event::Subscribed(channel) => {
+                let was_live = (self.rooms.get_mut(&*channel))
+                    .is_some_and(|room| std::mem::replace(&mut room.was_live, true));
+                if was_live {
+                    self.start_recovery(sessions, &channel);
+                }
                 for key in self.members.members(&channel).to_vec() {
                     if let Some(s) = sessions.get_mut(key) {
                         self.welcome(s);
@@ -160,6 +199,22 @@ impl Rooms {
                     );
                 }
             }
+            Event::Fetched {
+                tag,
+                channel,
+                reply,
+            } => match Key::from_raw(tag) {
+                Some(key) => {
+                    let Some(s) = sessions.get_mut(key) else {
+                        return;
+                    };
+                    let newest = s.end_catch_up(reply.as_ref(), &mut self.link);
+                    if let Some(room) = self.rooms.get_mut(&*channel) {
+                        room.last = room.last.max(newest);
+                    }
+                }
+                None => self.end_recovery(sessions, &channel, reply.as_ref()),
+            },
             Event::Outage => self.notify_all(
                 sessions,
                 Status::Error,
@@ -177,7 +232,7 @@ impl Rooms {
 
     /// Hands one published event to every local member of its room: one
     /// frame, encoded once, shared by all.
-    fn deliver(&self, sessions: &mut Slab<Session>, channel: &[u8], payload: &[u8]) {
+    fn deliver(&mut self, sessions: &mut Slab<Session>, channel: &[u8], payload: &[u8]) {
         let (Ok(channel), Ok(_)) = (std::str::from_utf8(channel), std::str::from_utf8(payload))
         else {
             ngx_log_error!(
@@ -188,10 +243,115 @@ impl Rooms {
             );
             return;
         };
+        let pos = history::position_of(payload);
         let frame = frame::text_frame(payload);
+        if let Some(room) = self.rooms.get_mut(channel) {
+            if let Some((_, held)) = &mut room.recovering {
+                if held.hold(pos, &frame, RECOVERY_HOLD) {
+                    return;
+                }
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    self.link.log(),
+                    "websocket_chat: gave up recovering channel {}: too much arrived meanwhile",
+                    channel
+                );
+                self.release_recovery(sessions, channel);
+            }
+        }
+        self.fan_out(sessions, channel, pos, &frame);
+    }
+
+    fn fan_out(
+        &mut self,
+        sessions: &mut Slab<Session>,
+        channel: &str,
+        pos: Option<Position>,
+        frame: &Rc<[u8]>,
+    ) {
+        if let Some(room) = self.rooms.get_mut(channel) {
+            room.last = room.last.max(pos);
+        }
         for &key in self.members.members(channel) {
             if let Some(s) = sessions.get_mut(key) {
-                s.deliver(&frame);
+                s.deliver(pos, frame);
+            }
+        }
+    }
+
+    /// After an outage the channel is live again: fetch what was published
+    /// since the last message delivered here, and hold live ones meanwhile.
+    fn start_recovery(&mut self, sessions: &mut Slab<Session>, channel: &str) {
+        let history = (self.members.members(channel).iter())
+            .filter_map(|&k| sessions.get(k))
+            .find_map(|s| s.history().filter(|_| s.welcomed()));
+        let (Some(h), Some(room)) = (history, self.rooms.get_mut(channel)) else {
+            return;
+        };
+        let req = Request {
+            since: room.last,
+            count: h.count,
+            keep_ms: h.keep_ms,
+        };
+        if (self.link)
+            .fetch(channel, req.since, req.script_count(), NOBODY)
+            .is_ok()
+        {
+            room.recovering = Some((req, Held::default()));
+        }
+    }
+
+    fn end_recovery(&mut self, sessions: &mut Slab<Session>, channel: &str, reply: Option<&Value>) {
+        let Some(req) = (self.rooms.get(channel))
+            .and_then(|room| room.recovering.as_ref())
+            .map(|(req, _)| *req)
+        else {
+            return;
+        };
+        let Some(reply) = reply else {
+            // Lost with its connection: ask again.
+            if (self.link)
+                .fetch(channel, req.since, req.script_count(), NOBODY)
+                .is_err()
+            {
+                self.release_recovery(sessions, channel);
+            }
+            return;
+        };
+        match history::decode(reply, &req, time::now_ms()) {
+            Ok(fetched) => {
+                if let (true, Some(since)) = (fetched.gap, req.since) {
+                    let since = since.to_string();
+                    for &key in self.members.members(channel) {
+                        if let Some(s) = sessions.get_mut(key) {
+                            s.notify_gap(&since);
+                        }
+                    }
+                }
+                for (pos, event) in fetched.messages {
+                    let frame = frame::text_frame(event.as_bytes());
+                    self.fan_out(sessions, channel, Some(pos), &frame);
+                }
+            }
+            Err(_) => {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    self.link.log(),
+                    "websocket_chat: could not fetch what channel {} missed: {:?}",
+                    channel,
+                    reply
+                );
+            }
+        }
+        self.release_recovery(sessions, channel);
+    }
+
+    /// Delivers what a recovering room held, in order.
+    fn release_recovery(&mut self, sessions: &mut Slab<Session>, channel: &str) {
+        let held = (self.rooms.get_mut(channel)).and_then(|room| room.recovering.take());
+        if let Some((_, held)) = held {
+            for (pos, frame) in held.frames {
+                self.fan_out(sessions, channel, pos, &frame);
             }
         }
     }

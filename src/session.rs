@@ -12,21 +12,23 @@ use ngx::ffi::{
     ngx_connection_t, ngx_current_msec, ngx_handle_read_event, ngx_handle_write_event,
     ngx_http_close_connection, ngx_http_connection_t, ngx_http_free_request,
     ngx_http_output_filter, ngx_http_request_t, ngx_msec_t, ngx_pfree, ngx_pool_cleanup_add,
-    ngx_pool_cleanup_pt, NGX_ERROR, NGX_LOG_INFO, NGX_OK,
+    ngx_pool_cleanup_pt, NGX_ERROR, NGX_LOG_INFO, NGX_LOG_WARN, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
+use redis::Value;
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
 use wschat_core::envelope::{self, Status};
 use wschat_core::frame;
 use wschat_core::frame_guard::Violation;
+use wschat_core::history::{self, Position, Request};
 use wschat_core::rate::Bucket;
 use wschat_core::slab::Key;
 
 use crate::client_io::{self, ClientIo};
-use crate::conf::{LocConf, LogAt};
+use crate::conf::{History, LocConf, LogAt};
 use crate::redis_link::{BacklogFull, Link};
 use crate::send_queue::{FlushTo, Flushed};
 use crate::{ids, module, time};
@@ -74,8 +76,41 @@ struct CoreTimes {
     lingering_timeout: ngx_msec_t,
 }
 
+/// What the handshake established, for the session it becomes.
+pub struct Upgrade {
+    pub room: String,
+    pub user: String,
+    /// The `since` the client sent, as it sent it.
+    pub since: Option<String>,
+    /// Bytes the client sent right behind the handshake, already in nginx's
+    /// header buffer.
+    pub preread: Vec<u8>,
+}
+
+/// Live frames held back while missed messages are fetched, so that the
+/// older ones go first; bounded like a send queue.
+#[derive(Default)]
+pub struct Held {
+    pub frames: Vec<(Option<Position>, Rc<[u8]>)>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Holds a frame; false once `limit` bytes are held.
+    pub fn hold(&mut self, pos: Option<Position>, frame: &Rc<[u8]>, limit: usize) -> bool {
+        if self.bytes + frame.len() > limit {
+            return false;
+        }
+        self.bytes += frame.len();
+        self.frames.push((pos, frame.clone()));
+        true
+    }
+}
+
 pub struct Session {
     key: Key,
+    /// The session's id in events, unique across workers and hosts.
+    sid: Box<str>,
     /// The HTTP request, while the session holds it: until the session ends
     /// (`websocket_chat_access_log close`) or until the 101 is out (`upgrade`).
     request: Option<NonNull<ngx_http_request_t>>,
@@ -90,8 +125,17 @@ pub struct Session {
     /// Whether the session is in its room's member list.
     pub in_room: bool,
     /// `None` once welcomed: then everything the room publishes reaches
-    /// this client; until then what it types waits here.
+    /// this client; until then what it types waits here (message heads).
     early: Option<Vec<String>>,
+    /// The last message the client says it saw (`since`), and whether what
+    /// it sent could not be read as one.
+    since: Option<Position>,
+    bad_since: bool,
+    /// The newest message this client has been sent: anything at or before
+    /// it is a duplicate.
+    cursor: Option<Position>,
+    /// Set while this member's history is being fetched.
+    fetching: Option<(Request, Held)>,
     closing: bool,
     /// The client may still be sending (it caused the close, or sent more
     /// since): once the close frame is out, linger rather than close.
@@ -124,8 +168,7 @@ fn now() -> ngx_msec_t {
 }
 
 impl Session {
-    /// A session for an upgraded request: `preread` holds bytes the client
-    /// sent right behind the handshake, already in nginx's header buffer.
+    /// A session for an upgraded request.
     ///
     /// `key` is the one the worker will keep it under.
     ///
@@ -135,10 +178,14 @@ impl Session {
         key: Key,
         r: *mut ngx_http_request_t,
         conf: &'static LocConf,
-        room: String,
-        user: String,
-        preread: Vec<u8>,
+        upgrade: Upgrade,
     ) -> Session {
+        let Upgrade {
+            room,
+            user,
+            since,
+            preread,
+        } = upgrade;
         // SAFETY: r is live (caller); so is its connection.
         let c = unsafe { (*r).connection };
         // SAFETY: r is live (caller).
@@ -165,8 +212,10 @@ impl Session {
         let mut channel = String::with_capacity(conf.channel_prefix().len() + room.len());
         channel.push_str(conf.channel_prefix());
         channel.push_str(&room);
+        let since_pos = since.as_deref().and_then(Position::parse);
         Session {
             key,
+            sid: ids::next_id().into(),
             request: NonNull::new(r),
             c,
             conf,
@@ -177,6 +226,10 @@ impl Session {
             user: user.into(),
             in_room: false,
             early: Some(Vec::new()),
+            since: since_pos,
+            bad_since: since.is_some() && since_pos.is_none(),
+            cursor: None,
+            fetching: None,
             closing: false,
             linger_wanted: false,
             lingering_until: None,
@@ -242,6 +295,14 @@ impl Session {
         &self.user
     }
 
+    pub fn sid(&self) -> &str {
+        &self.sid
+    }
+
+    pub fn history(&self) -> Option<History> {
+        self.conf.history()
+    }
+
     pub fn welcomed(&self) -> bool {
         self.early.is_none()
     }
@@ -262,14 +323,160 @@ impl Session {
     /// welcomed already.
     pub fn welcome(&mut self) -> Option<Vec<String>> {
         let early = self.early.take()?;
-        let event = envelope::welcome(&self.room, &self.user, time::now_ms());
+        let event = envelope::welcome(&self.room, &self.user, &self.sid, time::now_ms());
         self.send(frame::text_frame(event.as_bytes()));
         Some(early)
     }
 
-    /// Queues a frame shared with the rest of the room.
-    pub fn deliver(&mut self, frame: &Rc<[u8]>) {
+    /// Queues a frame shared with the rest of the room, unless the client
+    /// has had its message already (the seam between history and live) or
+    /// must first get its history.
+    pub fn deliver(&mut self, pos: Option<Position>, frame: &Rc<[u8]>) {
+        if let Some((_, held)) = &mut self.fetching {
+            let limit = self.conf.send_limit();
+            if !held.hold(pos, frame, limit.soft + limit.burst) {
+                self.pending_close = Some((close::POLICY, close::SLOW_CONSUMER));
+                self.wake_writer();
+            }
+            return;
+        }
+        if pos.is_some() {
+            if pos <= self.cursor {
+                return;
+            }
+            self.cursor = pos;
+        }
         self.send(frame.clone());
+    }
+
+    /// Publishes a message event given up to its id: stored in the room's
+    /// history (which assigns the id) or, with history off, with an id of
+    /// our own.
+    pub fn send_message(&mut self, link: &mut Link, head: String) -> Result<(), BacklogFull> {
+        match self.conf.history() {
+            Some(h) => link.append(
+                &self.channel,
+                &head,
+                (h.count, h.keep_ms),
+                self.key.to_raw(),
+            ),
+            None => {
+                let mut event = head;
+                event.push_str(&ids::next_id());
+                event.push_str(envelope::ID_TAIL);
+                link.publish(&self.channel, &event, self.key.to_raw())
+            }
+        }
+    }
+
+    /// Asks for what this member should see first: the room's recent
+    /// messages, or what it missed since `since`. Live messages wait
+    /// meanwhile.
+    pub fn start_catch_up(&mut self, link: &mut Link) {
+        let Some(h) = self.conf.history() else {
+            return;
+        };
+        if self.bad_since {
+            self.notify(
+                Status::Error,
+                "bad_since",
+                "since is not a message id; sending recent history instead",
+            );
+        }
+        let req = Request {
+            since: self.since,
+            count: h.count,
+            keep_ms: h.keep_ms,
+        };
+        let asked = link.fetch(
+            &self.channel,
+            req.since,
+            req.script_count(),
+            self.key.to_raw(),
+        );
+        match asked {
+            Ok(()) => self.fetching = Some((req, Held::default())),
+            Err(_) => self.history_unavailable(),
+        }
+    }
+
+    /// The fetch `start_catch_up` asked for has come back (`None`: lost
+    /// with its connection; it is asked for again). Sends `gap` if messages
+    /// are missing, then `history`, then what was held. Returns the newest
+    /// position sent, for the room.
+    pub fn end_catch_up(&mut self, reply: Option<&Value>, link: &mut Link) -> Option<Position> {
+        let (req, _) = self.fetching.as_ref()?;
+        let req = *req;
+        let Some(reply) = reply else {
+            let key = self.key.to_raw();
+            if link
+                .fetch(&self.channel, req.since, req.script_count(), key)
+                .is_ok()
+            {
+                return None;
+            }
+            self.release_held();
+            self.history_unavailable();
+            return None;
+        };
+        let newest = match history::decode(reply, &req, time::now_ms()) {
+            Ok(fetched) => {
+                let budget = self.conf.send_limit().soft;
+                let (kept, cut) = history::within_budget(&fetched.messages, budget);
+                if let (Some(since), true) = (req.since, fetched.gap || cut) {
+                    self.notify_gap(&since.to_string());
+                }
+                let event = envelope::history(
+                    &self.room,
+                    time::now_ms(),
+                    kept.iter().map(|(_, e)| e.as_str()),
+                );
+                self.send(frame::text_frame(event.as_bytes()));
+                let newest = kept.last().map(|(p, _)| *p);
+                self.cursor = self.cursor.max(newest);
+                newest
+            }
+            Err(_) => {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    self.log(),
+                    "websocket_chat: history of \"{}\" unavailable: {:?}",
+                    self.room,
+                    reply
+                );
+                self.history_unavailable();
+                None
+            }
+        };
+        self.release_held();
+        newest
+    }
+
+    /// Tells the client that not everything since `since` reaches it.
+    pub fn notify_gap(&mut self, since: &str) {
+        let event = envelope::gap(
+            &self.room,
+            since,
+            "some messages since then are no longer in the history",
+            time::now_ms(),
+        );
+        self.send(frame::text_frame(event.as_bytes()));
+    }
+
+    fn release_held(&mut self) {
+        if let Some((_, held)) = self.fetching.take() {
+            for (pos, frame) in held.frames {
+                self.deliver(pos, &frame);
+            }
+        }
+    }
+
+    fn history_unavailable(&mut self) {
+        self.notify(
+            Status::Error,
+            "history_unavailable",
+            "the room's history could not be read; live messages follow",
+        );
     }
 
     pub fn notify_backlog_full(&mut self) {
@@ -310,10 +517,10 @@ impl Session {
     }
 
     /// Publishes a chat message event (or holds it until the welcome).
-    fn publish(&mut self, link: &mut Link, event: String) -> Result<(), BacklogFull> {
+    fn publish(&mut self, link: &mut Link, head: String) -> Result<(), BacklogFull> {
         if let Some(early) = &mut self.early {
             if early.len() < EARLY_LIMIT {
-                early.push(event);
+                early.push(head);
             } else {
                 self.notify(
                     Status::Error,
@@ -323,7 +530,7 @@ impl Session {
             }
             return Ok(());
         }
-        link.publish(&self.channel, &event, self.key.to_raw())
+        self.send_message(link, head)
     }
 
     /// Publishes one chat message, unless the sender is over its rate.
@@ -343,9 +550,8 @@ impl Session {
             }
             self.rejected_in_row = 0;
         }
-        let id = ids::next_id();
-        let event = envelope::message(&self.room, &self.user, text, time::now_ms(), &id);
-        if self.publish(link, event).is_err() {
+        let head = envelope::message_head(&self.room, &self.user, &self.sid, text, time::now_ms());
+        if self.publish(link, head).is_err() {
             self.notify_backlog_full();
         }
         Ok(())

@@ -16,7 +16,7 @@ use wschat_core::slab::{Key, Slab};
 use crate::conf::{LocConf, MainConf};
 use crate::redis_link::{Handlers, Link, Role, Wake};
 use crate::rooms::Rooms;
-use crate::session::{self, close, Finish, Session, Step};
+use crate::session::{self, close, Finish, Session, Step, Upgrade};
 
 struct Worker {
     sessions: Slab<Session>,
@@ -85,12 +85,10 @@ pub unsafe fn start_session(
     r: *mut ngx_http_request_t,
     main: &'static MainConf,
     conf: &'static LocConf,
-    room: String,
-    user: String,
-    preread: Vec<u8>,
+    upgrade: Upgrade,
 ) -> Result<(), ()> {
     // SAFETY: as the caller promises.
-    let started = with(|w| unsafe { w.start_session(r, main, conf, room, user, preread) });
+    let started = with(|w| unsafe { w.start_session(r, main, conf, upgrade) });
     match started {
         Some(Ok(finish)) => {
             if let Some(finish) = finish {
@@ -131,14 +129,12 @@ impl Worker {
         r: *mut ngx_http_request_t,
         main: &'static MainConf,
         conf: &'static LocConf,
-        room: String,
-        user: String,
-        preread: Vec<u8>,
+        upgrade: Upgrade,
     ) -> Result<Option<Finish>, ()> {
         self.rooms(main, conf.redis()).ok_or(())?;
         let key = self.sessions.next_key();
         // SAFETY: as the caller promises.
-        let session = unsafe { Session::new(key, r, conf, room, user, preread) };
+        let session = unsafe { Session::new(key, r, conf, upgrade) };
         self.sessions.insert(session);
         let s = self.sessions.get_mut(key).ok_or(())?;
         let read = Some(session_read::<true> as unsafe extern "C" fn(*mut ngx_event_t));

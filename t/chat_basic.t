@@ -48,14 +48,14 @@ is($w->{type}, 'welcome', 'welcome type');
 is($w->{room}, 'basic', 'welcome room');
 is($w->{user}, 'alice', 'welcome user');
 ts_ok($w, 'welcome');
-is_deeply([json_keys($w->{_raw})], [qw(type room user ts)], 'welcome key order');
+is_deeply([json_keys($w->{_raw})], [qw(type room user session ts)], 'welcome key order');
 
 my $j = $alice->wait_type('join', 5, sub { $_[0]{user} eq 'alice' });
 ok($j, 'alice sees her own join');
 is($j && $j->{room}, 'basic', 'join room');
 ok($j && defined $j->{id} && !ref $j->{id} && length $j->{id}, 'join has a string id');
 ts_ok($j // {}, 'join');
-is_deeply([json_keys($j ? $j->{_raw} : '')], [qw(type room user ts id)], 'join key order');
+is_deeply([json_keys($j ? $j->{_raw} : '')], [qw(type room user session ts id)], 'join key order');
 
 # --- bob joins: welcome first for him too, both see his join
 my $bob = WSClient->join(port => $port, room => 'basic', nick => 'bob');
@@ -87,7 +87,7 @@ for my $i (0 .. $#texts) {
         is($m->{user}, 'alice', "$who: user is the sender");
         ts_ok($m, "$who: message $i");
         ok(defined $m->{id} && !ref $m->{id} && length $m->{id}, "$who: id is a non-empty string");
-        is_deeply([json_keys($m->{_raw})], [qw(type room user text ts id)], "$who: message key order")
+        is_deeply([json_keys($m->{_raw})], [qw(type room user session text ts id)], "$who: message key order")
             if $i == 0;
         $ids{$who}[$i] = $m->{id};
     }

@@ -92,6 +92,8 @@ sub take {
             }
             next;
         }
+        # The (empty) history a member gets on joining is not live traffic.
+        next if $type eq 'history';
         if ($type ne 'message') {
             $problem{$who} //= 'unexpected event: ' . substr($head, 0, 120);
             next;

@@ -2,7 +2,7 @@
 # * redis://:s3cret@127.0.0.1:PORT: members chat normally.
 # * a wrong password: the handshake still succeeds (101), the member gets a
 #   "redis_unavailable" error event and no welcome; the error log has the
-#   "refused the subscriber connection's AUTH/SELECT" line with Redis' reason
+#   "refused the subscriber connection's AUTH" line with Redis' reason
 #   (and the same for the command connection)
 #   and the worker retries at a backed-off pace, not in a busy loop (counted
 #   in the error log and in Redis' AUTH call count over 3 s).
@@ -64,7 +64,7 @@ sub chat_ok {
                     http => 'websocket_chat_redis_timeout 1s;'),
         redis => $redis,
         allow_errors => [
-            qr/\[error\] \d+#\d+: $at refused the (?:subscriber|command) connection's AUTH\/SELECT: .*(?:WRONGPASS|invalid password|invalid username-password)/,
+            qr/\[error\] \d+#\d+: $at refused the (?:subscriber|command) connection's AUTH: .*(?:WRONGPASS|invalid password|invalid username-password)/,
             qr/\[error\] \d+#\d+: websocket_chat: (?:subscriber|command) connection to Redis redis:\/\/:\*\*\*\@127\.0\.0\.1:$rport lost: command refused; retrying in \d+ ms$/,
         ]);
     my $auth0 = auth_calls();
@@ -79,10 +79,10 @@ sub chat_ok {
         ok(!$c->wait_type('welcome', 2), 'wrong password: no welcome within 2 s');
     }
 
-    my $refused_re = qr/websocket_chat: Redis \S*127\.0\.0\.1:$rport refused the subscriber connection's AUTH\/SELECT: /;
+    my $refused_re = qr/websocket_chat: Redis \S*127\.0\.0\.1:$rport refused the subscriber connection's AUTH: /;
     my @l;
     ok(wait_until(sub { @l = log_lines($nginx, $refused_re) }, 5),
-       'error log: "Redis ...127.0.0.1:PORT refused the subscriber connection\'s AUTH/SELECT"')
+       'error log: "Redis ...127.0.0.1:PORT refused the subscriber connection\'s AUTH"')
         or diag(join "\n", grep { defined } (log_lines($nginx, qr/websocket_chat/))[0 .. 11]);
     ok(@l && $l[0] =~ /WRONGPASS|invalid password|invalid username-password/i,
        'the refused line carries Redis\' reason (WRONGPASS / invalid password)')
@@ -91,7 +91,7 @@ sub chat_ok {
     # The command connection authenticates even while PUBLISHes wait for the
     # subscriber, so its refusal is logged as well.
     ok(wait_until(sub { log_lines($nginx,
-            qr/refused the command connection's AUTH\/SELECT: .*(?:WRONGPASS|invalid)/i) }, 5),
+            qr/refused the command connection's AUTH: .*(?:WRONGPASS|invalid)/i) }, 5),
        'error log: the command connection\'s AUTH refusal is logged too');
 
     # no busy loop: count over 3 s

@@ -52,7 +52,9 @@ sub fake_redis {
 sub accepts { my $f = shift; open my $h, '<', $f or return 0; my @l = <$h>; scalar @l }
 
 # Each case: the fake's reply, and the reason the link gives for dropping
-# the subscriber connection (the one that sends SUBSCRIBE and gets the reply).
+# the subscriber connection (the one that sends SUBSCRIBE and gets the reply);
+# the command connection, which loads the history scripts when it connects,
+# gets the same answer.
 for my $case (['garbage' => "\@\@\@ not RESP\r\n", qr/unknown RESP type byte 0x40/],
               ['oversized bulk' => "\$999999999\r\nxxxx", qr/RESP value exceeds the configured limits/]) {
     my ($name, $reply, $reason) = @$case;
@@ -61,7 +63,7 @@ for my $case (['garbage' => "\@\@\@ not RESP\r\n", qr/unknown RESP type byte 0x4
 
     my $nginx = start_nginx(chat_config(redis => "127.0.0.1:$port",
                                         http => "    websocket_chat_redis_timeout 1s;\n"),
-        allow_errors => [qr/\[error\] \d+#\d+: websocket_chat: subscriber connection to Redis 127\.0\.0\.1:$port lost: malformed reply: $reason; retrying in \d+ ms$/]);
+        allow_errors => [qr/\[error\] \d+#\d+: websocket_chat: (?:subscriber|command) connection to Redis 127\.0\.0\.1:$port lost: malformed reply: $reason; retrying in \d+ ms$/]);
     my $c = WSClient->connect(port => $nginx->port, path => '/ws?room=r&nick=n');
     my $notice = $c->wait_for(sub { ($_[0]{code} // '') eq 'redis_unavailable' }, 5);
     ok($notice, "$name: the client is told Redis is unavailable");

@@ -13,40 +13,98 @@ pub enum Presence {
 /// never reallocate.
 const SLACK: usize = 32;
 
-pub fn welcome(room: &str, user: &str, ts_ms: u64) -> String {
-    let mut out = String::with_capacity(48 + room.len() + user.len() + SLACK);
+pub fn welcome(room: &str, user: &str, session: &str, ts_ms: u64) -> String {
+    let mut out = String::with_capacity(64 + room.len() + user.len() + session.len() + SLACK);
     out.push_str(r#"{"type":"welcome","room":"#);
     push_string(&mut out, room);
-    out.push_str(r#","user":"#);
-    push_string(&mut out, user);
+    push_user_and_session(&mut out, user, session);
     push_ts_and_close(&mut out, ts_ms);
     out
 }
 
-pub fn message(room: &str, user: &str, text: &str, ts_ms: u64, id: &str) -> String {
+/// What follows a message event's id: the id is the last field, so a head
+/// plus an id plus this is the whole event.
+pub const ID_TAIL: &str = "\"}";
+
+/// A message event up to and including `"id":"`, for an id that Redis
+/// assigns when it stores the message (see `history`).
+pub fn message_head(room: &str, user: &str, session: &str, text: &str, ts_ms: u64) -> String {
     let mut out =
-        String::with_capacity(64 + room.len() + user.len() + text.len() + id.len() + SLACK);
+        String::with_capacity(96 + room.len() + user.len() + session.len() + text.len() + SLACK);
     out.push_str(r#"{"type":"message","room":"#);
     push_string(&mut out, room);
-    out.push_str(r#","user":"#);
-    push_string(&mut out, user);
+    push_user_and_session(&mut out, user, session);
     out.push_str(r#","text":"#);
     push_string(&mut out, text);
-    push_ts_id_and_close(&mut out, ts_ms, id);
+    out.push_str(r#","ts":"#);
+    push_u64(&mut out, ts_ms);
+    out.push_str(r#","id":""#);
     out
 }
 
-pub fn presence(kind: Presence, room: &str, user: &str, ts_ms: u64, id: &str) -> String {
-    let mut out = String::with_capacity(56 + room.len() + user.len() + id.len() + SLACK);
+/// A whole message event: its head, an id (JSON-safe: generated, never
+/// user text) and the tail.
+pub fn message(room: &str, user: &str, session: &str, text: &str, ts_ms: u64, id: &str) -> String {
+    let mut out = message_head(room, user, session, text, ts_ms);
+    out.push_str(id);
+    out.push_str(ID_TAIL);
+    out
+}
+
+pub fn presence(
+    kind: Presence,
+    room: &str,
+    user: &str,
+    session: &str,
+    ts_ms: u64,
+    id: &str,
+) -> String {
+    let mut out = String::with_capacity(72 + room.len() + user.len() + session.len() + SLACK);
     out.push_str(match kind {
         Presence::Join => r#"{"type":"join","room":"#,
         Presence::Leave => r#"{"type":"leave","room":"#,
     });
     push_string(&mut out, room);
-    out.push_str(r#","user":"#);
-    push_string(&mut out, user);
+    push_user_and_session(&mut out, user, session);
     push_ts_id_and_close(&mut out, ts_ms, id);
     out
+}
+
+/// `history`: message events (already JSON), oldest first.
+pub fn history<'a>(room: &str, ts_ms: u64, messages: impl Iterator<Item = &'a str>) -> String {
+    let mut out = String::with_capacity(64 + room.len() + SLACK);
+    out.push_str(r#"{"type":"history","room":"#);
+    push_string(&mut out, room);
+    out.push_str(r#","messages":["#);
+    for (i, m) in messages.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(m);
+    }
+    out.push(']');
+    push_ts_and_close(&mut out, ts_ms);
+    out
+}
+
+/// `gap`: what the member missed since `since` is no longer all there.
+pub fn gap(room: &str, since: &str, message: &str, ts_ms: u64) -> String {
+    let mut out = String::with_capacity(64 + room.len() + since.len() + message.len() + SLACK);
+    out.push_str(r#"{"type":"gap","room":"#);
+    push_string(&mut out, room);
+    out.push_str(r#","since":"#);
+    push_string(&mut out, since);
+    out.push_str(r#","message":"#);
+    push_string(&mut out, message);
+    push_ts_and_close(&mut out, ts_ms);
+    out
+}
+
+fn push_user_and_session(out: &mut String, user: &str, session: &str) {
+    out.push_str(r#","user":"#);
+    push_string(out, user);
+    out.push_str(r#","session":"#);
+    push_string(out, session);
 }
 
 /// Which kind of out-of-band event to build: `error` when something the
@@ -245,28 +303,54 @@ mod tests {
     #[test]
     fn welcome_shape() {
         assert_eq!(
-            welcome("lobby", "ann", 1_700_000_000_000),
-            r#"{"type":"welcome","room":"lobby","user":"ann","ts":1700000000000}"#
+            welcome("lobby", "ann", "s-1", 1_700_000_000_000),
+            r#"{"type":"welcome","room":"lobby","user":"ann","session":"s-1","ts":1700000000000}"#
         );
     }
 
     #[test]
     fn message_shape() {
         assert_eq!(
-            message("r\"1", "bob", "hi\nthere", 5, "00000000002a-1"),
-            r#"{"type":"message","room":"r\"1","user":"bob","text":"hi\nthere","ts":5,"id":"00000000002a-1"}"#
+            message("r\"1", "bob", "s-2", "hi\nthere", 5, "1700000000000-1"),
+            r#"{"type":"message","room":"r\"1","user":"bob","session":"s-2","text":"hi\nthere","ts":5,"id":"1700000000000-1"}"#
+        );
+    }
+
+    #[test]
+    fn a_head_plus_id_plus_tail_is_the_message() {
+        let head = message_head("r", "u", "s", "t", 1);
+        assert!(head.ends_with(r#""id":""#));
+        assert_eq!(
+            head + "9-9" + ID_TAIL,
+            message("r", "u", "s", "t", 1, "9-9")
         );
     }
 
     #[test]
     fn presence_shapes() {
         assert_eq!(
-            presence(Presence::Join, "lobby", "ann", 7, "x-1"),
-            r#"{"type":"join","room":"lobby","user":"ann","ts":7,"id":"x-1"}"#
+            presence(Presence::Join, "lobby", "ann", "s-1", 7, "x-1"),
+            r#"{"type":"join","room":"lobby","user":"ann","session":"s-1","ts":7,"id":"x-1"}"#
         );
         assert_eq!(
-            presence(Presence::Leave, "lobby", "ann", 8, "x-2"),
-            r#"{"type":"leave","room":"lobby","user":"ann","ts":8,"id":"x-2"}"#
+            presence(Presence::Leave, "lobby", "ann", "s-1", 8, "x-2"),
+            r#"{"type":"leave","room":"lobby","user":"ann","session":"s-1","ts":8,"id":"x-2"}"#
+        );
+    }
+
+    #[test]
+    fn history_and_gap_shapes() {
+        assert_eq!(
+            history("r", 3, [r#"{"a":1}"#, r#"{"b":2}"#].into_iter()),
+            r#"{"type":"history","room":"r","messages":[{"a":1},{"b":2}],"ts":3}"#
+        );
+        assert_eq!(
+            history("r", 3, std::iter::empty()),
+            r#"{"type":"history","room":"r","messages":[],"ts":3}"#
+        );
+        assert_eq!(
+            gap("r", "5-0", "lost", 4),
+            r#"{"type":"gap","room":"r","since":"5-0","message":"lost","ts":4}"#
         );
     }
 

@@ -6,6 +6,7 @@ pub mod envelope;
 pub mod frame;
 pub mod frame_guard;
 pub mod handshake;
+pub mod history;
 pub mod names;
 pub mod rate;
 pub mod redis_addr;

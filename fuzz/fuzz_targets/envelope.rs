@@ -26,7 +26,9 @@ fuzz_target!(|data: &[u8]| {
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .collect();
     let f = |i: usize| fields.get(i).map_or("", String::as_str);
-    let (room, user, text) = (f(0), f(1), f(2));
+    let (room, user, text, session) = (f(0), f(1), f(2), f(4));
+    // A message's id is a history position: generated, never user text.
+    let position = format!("{ts}-{which}");
 
     // The id is fuzz-supplied text, or (every other selector) a real
     // generated one, whose format is then checked as well.
@@ -46,17 +48,23 @@ fuzz_target!(|data: &[u8]| {
 
     let (json, want): (String, Vec<(&str, Value)>) = match which % 7 {
         0 => (
-            envelope::welcome(room, user, ts),
-            vec![("type", s("welcome")), ("room", s(room)), ("user", s(user))],
+            envelope::welcome(room, user, session, ts),
+            vec![
+                ("type", s("welcome")),
+                ("room", s(room)),
+                ("user", s(user)),
+                ("session", s(session)),
+            ],
         ),
         1 => (
-            envelope::message(room, user, text, ts, &id),
+            envelope::message(room, user, session, text, ts, &position),
             vec![
                 ("type", s("message")),
                 ("room", s(room)),
                 ("user", s(user)),
+                ("session", s(session)),
                 ("text", s(text)),
-                ("id", s(&id)),
+                ("id", s(&position)),
             ],
         ),
         2 | 3 => {
@@ -66,11 +74,12 @@ fuzz_target!(|data: &[u8]| {
                 (Presence::Leave, "leave")
             };
             (
-                envelope::presence(kind, room, user, ts, &id),
+                envelope::presence(kind, room, user, session, ts, &id),
                 vec![
                     ("type", s(name)),
                     ("room", s(room)),
                     ("user", s(user)),
+                    ("session", s(session)),
                     ("id", s(&id)),
                 ],
             )

@@ -1,0 +1,384 @@
+//! A room's history in Redis: a stream under the room's channel name, where
+//! each message is appended and published in one atomic step, so that the
+//! entry id Redis assigns is the message's id and its position. "What did I
+//! miss since X" and "is this a duplicate at the seam" are then comparisons.
+
+use std::fmt;
+
+use redis::Value;
+
+/// A message's place in its room: a Redis stream entry id `<ms>-<seq>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl Position {
+    /// Parses `<ms>-<seq>` (both decimal, at most 20 digits each).
+    pub fn parse(s: &str) -> Option<Position> {
+        let (ms, seq) = s.split_once('-')?;
+        let digits = |p: &str| {
+            (!p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| p.parse::<u64>().ok())
+                .flatten()
+        };
+        Some(Position {
+            ms: digits(ms)?,
+            seq: digits(seq)?,
+        })
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Appends a message to the stream KEYS[1], trims it to about ARGV[1]
+/// entries, keeps it for ARGV[2] ms, and publishes the whole event
+/// (head ARGV[3] .. id .. tail ARGV[4]) on the channel of the same name.
+pub const APPEND_SCRIPT: &str = "\
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'h', ARGV[3], 't', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[1], ARGV[3] .. id .. ARGV[4])
+return id";
+
+/// Returns, for stream KEYS[1]: the newest ARGV[2] entries after ARGV[1]
+/// (all if ARGV[1] is empty), newest first; the oldest entry id kept; and
+/// the newest id trimmed away (Redis 7+; `0-0` for none), or false where
+/// Redis does not say.
+pub const FETCH_SCRIPT: &str = "\
+local start = '-'
+if ARGV[1] ~= '' then start = '(' .. ARGV[1] end
+local entries = redis.call('XREVRANGE', KEYS[1], '+', start, 'COUNT', ARGV[2])
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local oldest = false
+if first[1] then oldest = first[1][1] end
+local trimmed = false
+local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
+if type(info) == 'table' and not info.err then
+  for i = 1, #info - 1, 2 do
+    if info[i] == 'max-deleted-entry-id' then trimmed = info[i + 1] end
+  end
+end
+return {entries, oldest, trimmed}";
+
+/// The position in a message event: its last field, `"id":"<ms>-<seq>"`.
+/// Other events (presence, notices) have none.
+pub fn position_of(event: &[u8]) -> Option<Position> {
+    const KEY: &[u8] = br#""id":""#;
+    let body = event.strip_suffix(br#""}"#)?;
+    let start = body.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
+    Position::parse(std::str::from_utf8(&body[start..]).ok()?)
+}
+
+/// What a fetch found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// Message events, oldest first.
+    pub messages: Vec<(Position, String)>,
+    /// Messages after `since` are missing: trimmed, expired, or more than
+    /// were asked for.
+    pub gap: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadReply;
+
+/// What a fetch asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct Request {
+    /// Only messages after this one; `None` for the newest ones.
+    pub since: Option<Position>,
+    /// At most this many messages.
+    pub count: usize,
+    /// How long Redis keeps a quiet room's history, in ms.
+    pub keep_ms: u64,
+}
+
+impl Request {
+    /// COUNT for the script: one more than wanted when resuming, so that
+    /// "more were missed than are returned" shows.
+    pub fn script_count(&self) -> usize {
+        self.count + usize::from(self.since.is_some())
+    }
+}
+
+fn bulk(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn position(v: &Value) -> Option<Position> {
+    Position::parse(std::str::from_utf8(bulk(v)?).ok()?)
+}
+
+/// One stream entry `[id, [h, head, t, tail]]` as its whole event.
+fn entry(v: &Value) -> Option<(Position, String)> {
+    let Value::Array(parts) = v else { return None };
+    let [id, Value::Array(fields)] = parts.as_slice() else {
+        return None;
+    };
+    let pos = position(id)?;
+    let (mut head, mut tail) = (None, None);
+    for pair in fields.chunks_exact(2) {
+        match bulk(&pair[0])? {
+            b"h" => head = Some(std::str::from_utf8(bulk(&pair[1])?).ok()?),
+            b"t" => tail = Some(std::str::from_utf8(bulk(&pair[1])?).ok()?),
+            _ => {}
+        }
+    }
+    let mut event = String::from(head?);
+    event.push_str(&pos.to_string());
+    event.push_str(tail?);
+    Some((pos, event))
+}
+
+/// Reads the reply of `FETCH_SCRIPT`; `now_ms` is the worker's clock.
+pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadReply> {
+    let Value::Array(parts) = reply else {
+        return Err(BadReply);
+    };
+    let [Value::Array(entries), oldest, trimmed] = parts.as_slice() else {
+        return Err(BadReply);
+    };
+    let mut messages = Vec::with_capacity(entries.len());
+    for e in entries.iter().rev() {
+        messages.push(entry(e).ok_or(BadReply)?);
+    }
+    let Some(since) = req.since else {
+        return Ok(Fetched {
+            messages,
+            gap: false,
+        });
+    };
+    let mut gap = messages.len() > req.count;
+    if gap {
+        messages.remove(0);
+    }
+    gap |= match (position(trimmed), position(oldest)) {
+        // Redis 7 says what it trimmed.
+        (Some(trimmed), _) => trimmed > since,
+        // Older Redis: the oldest entry kept is newer than `since`, so
+        // something in between may have been trimmed.
+        (None, Some(oldest)) => oldest > since,
+        // No history at all: anything published after `since` would still
+        // be there, unless `since` is older than the room's keep time.
+        (None, None) => since.ms.saturating_add(req.keep_ms) < now_ms,
+    };
+    Ok(Fetched { messages, gap })
+}
+
+/// The newest messages whose events fit in `budget` bytes, oldest first,
+/// and whether any had to be left out.
+pub fn within_budget(
+    messages: &[(Position, String)],
+    budget: usize,
+) -> (&[(Position, String)], bool) {
+    let mut used = 0;
+    let mut first = messages.len();
+    for (i, (_, event)) in messages.iter().enumerate().rev() {
+        used += event.len() + 1;
+        if used > budget {
+            break;
+        }
+        first = i;
+    }
+    (&messages[first..], first > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn pos(s: &str) -> Position {
+        Position::parse(s).unwrap()
+    }
+
+    fn stream_entry(id: &str, head: &str) -> Value {
+        Value::Array(vec![
+            b(id),
+            Value::Array(vec![b("h"), b(head), b("t"), b("\"}")]),
+        ])
+    }
+
+    fn reply(ids_newest_first: &[&str], oldest: Option<&str>, trimmed: Option<&str>) -> Value {
+        let entries = ids_newest_first
+            .iter()
+            .map(|id| stream_entry(id, r#"{"id":""#))
+            .collect();
+        Value::Array(vec![
+            Value::Array(entries),
+            oldest.map_or(Value::Nil, b),
+            trimmed.map_or(Value::Nil, b),
+        ])
+    }
+
+    fn req(since: Option<&str>, count: usize) -> Request {
+        Request {
+            since: since.map(pos),
+            count,
+            keep_ms: 60_000,
+        }
+    }
+
+    #[test]
+    fn positions_parse_and_order() {
+        assert_eq!(
+            pos("1700000000000-0"),
+            Position {
+                ms: 1_700_000_000_000,
+                seq: 0
+            }
+        );
+        assert!(pos("5-10") > pos("5-9"));
+        assert!(pos("6-0") > pos("5-99"));
+        for bad in [
+            "",
+            "5",
+            "5-",
+            "-5",
+            "a-1",
+            "1-b",
+            "1-2-3",
+            " 1-2",
+            "1-2 ",
+            "+1-2",
+            "99999999999999999999999-1",
+        ] {
+            assert_eq!(Position::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(pos("12-34").to_string(), "12-34");
+    }
+
+    #[test]
+    fn the_position_is_the_events_last_field() {
+        let e = br#"{"type":"message","text":"\"id\":\"9-9\"","ts":1,"id":"17-3"}"#;
+        assert_eq!(position_of(e), Some(pos("17-3")));
+        assert_eq!(
+            position_of(br#"{"type":"join","id":"000000000abc-1"}"#),
+            None
+        );
+        assert_eq!(position_of(br#"{"type":"notice","ts":1}"#), None);
+        assert_eq!(position_of(b""), None);
+    }
+
+    #[test]
+    fn a_fresh_join_gets_the_newest_oldest_first() {
+        let got = decode(&reply(&["3-0", "2-0"], Some("1-0"), None), &req(None, 2), 0).unwrap();
+        let ids: Vec<String> = got.messages.iter().map(|(p, _)| p.to_string()).collect();
+        assert_eq!(ids, ["2-0", "3-0"]);
+        assert_eq!(got.messages[0].1, r#"{"id":"2-0"}"#);
+        assert!(!got.gap);
+    }
+
+    #[test]
+    fn a_resume_sees_a_gap_only_where_messages_are_missing() {
+        // All that was missed is there.
+        let r = decode(
+            &reply(&["3-0", "2-0"], Some("1-0"), None),
+            &req(Some("1-0"), 5),
+            0,
+        )
+        .unwrap();
+        assert!(!r.gap);
+        // More were missed than asked for: the extra one is dropped.
+        let r = decode(
+            &reply(&["4-0", "3-0", "2-0"], Some("1-0"), None),
+            &req(Some("1-0"), 2),
+            0,
+        )
+        .unwrap();
+        assert!(r.gap);
+        assert_eq!(r.messages.len(), 2);
+        assert_eq!(r.messages[0].0, pos("3-0"));
+        // Redis 7 trimmed something after `since`...
+        let r = decode(
+            &reply(&["9-0"], Some("9-0"), Some("8-0")),
+            &req(Some("5-0"), 5),
+            0,
+        )
+        .unwrap();
+        assert!(r.gap);
+        // ...or only what came before it, or nothing.
+        let r = decode(
+            &reply(&["9-0"], Some("9-0"), Some("5-0")),
+            &req(Some("5-0"), 5),
+            0,
+        )
+        .unwrap();
+        assert!(!r.gap);
+        let r = decode(
+            &reply(&["9-0"], Some("6-0"), Some("0-0")),
+            &req(Some("5-0"), 5),
+            0,
+        )
+        .unwrap();
+        assert!(!r.gap);
+        // Older Redis does not say: the oldest kept entry decides.
+        let r = decode(&reply(&["9-0"], Some("9-0"), None), &req(Some("5-0"), 5), 0).unwrap();
+        assert!(r.gap);
+        let r = decode(&reply(&["9-0"], Some("4-0"), None), &req(Some("5-0"), 5), 0).unwrap();
+        assert!(!r.gap);
+        // An empty, expired history: a gap only if `since` is older than
+        // the keep time.
+        let empty = reply(&[], None, None);
+        assert!(
+            !decode(&empty, &req(Some("100000-0"), 5), 130_000)
+                .unwrap()
+                .gap
+        );
+        assert!(
+            decode(&empty, &req(Some("100000-0"), 5), 170_000)
+                .unwrap()
+                .gap
+        );
+    }
+
+    #[test]
+    fn malformed_replies_are_refused() {
+        for bad in [
+            Value::Nil,
+            Value::Array(vec![]),
+            Value::Array(vec![b("x"), Value::Nil, Value::Nil]),
+            Value::Array(vec![Value::Array(vec![b("junk")]), Value::Nil, Value::Nil]),
+            Value::Array(vec![
+                Value::Array(vec![stream_entry("not-an-id", "{")]),
+                Value::Nil,
+                Value::Nil,
+            ]),
+        ] {
+            assert_eq!(decode(&bad, &req(None, 5), 0), Err(BadReply), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_budget_keeps_the_newest() {
+        let m: Vec<(Position, String)> = (1..=4)
+            .map(|i| (Position { ms: i, seq: 0 }, "x".repeat(9)))
+            .collect();
+        let (kept, cut) = within_budget(&m, 25);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[0].0.ms, 3);
+        assert!(cut);
+        let (kept, cut) = within_budget(&m, 1000);
+        assert_eq!(kept.len(), 4);
+        assert!(!cut);
+        assert_eq!(within_budget(&m, 5).0.len(), 0);
+    }
+
+    #[test]
+    fn request_count_asks_one_more_when_resuming() {
+        assert_eq!(req(None, 10).script_count(), 10);
+        assert_eq!(req(Some("1-0"), 10).script_count(), 11);
+    }
+}
