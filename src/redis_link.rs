@@ -31,10 +31,12 @@ use crate::ids;
 use crate::peer::{PeerConn, ReadOutcome, State};
 
 /// What the link accepts from Redis: nothing larger than a chat message can
-/// legitimately arrive, so anything much larger is a broken or hostile server.
+/// legitimately arrive, and no array longer than a history fetch (at most
+/// 10,000 entries, plus one) or deeper than its entries' fields, so
+/// anything beyond is a broken or hostile server.
 const REPLY_LIMITS: Limits = Limits {
     max_bulk: 4 << 20,
-    max_elements: 1024,
+    max_elements: 10_001,
     max_depth: 4,
 };
 
