@@ -63,9 +63,9 @@ pub struct MainConf {
     pub endpoints: Vec<Endpoint>,
     redis_timeout: Option<ngx_msec_t>,
     redis_backlog: Option<usize>,
-    /// Some chat location keeps history: the command connections load its
-    /// scripts.
-    pub uses_history: bool,
+    /// Some chat location keeps history or presence: the command
+    /// connections load the scripts.
+    pub uses_scripts: bool,
 }
 
 impl MainConf {
@@ -385,11 +385,12 @@ pub extern "C" fn merge_loc_conf(
         conf.channel_prefix = prev.channel_prefix.clone();
     }
     conf.history = conf.history.or(prev.history);
-    if conf.enabled && conf.history().is_some() {
+    conf.presence = conf.presence.or(prev.presence);
+    if conf.enabled && (conf.history().is_some() || conf.presence()) {
         // SAFETY: merging happens inside the http block, whose main
         // configuration exists.
         if let Some(main) = Module::main_conf_mut(unsafe { &*cf }) {
-            main.uses_history = true;
+            main.uses_scripts = true;
         }
     }
     conf.ping_interval = conf.ping_interval.or(prev.ping_interval);
@@ -398,7 +399,6 @@ pub extern "C" fn merge_loc_conf(
     if conf.origins.is_none() {
         conf.origins = prev.origins.clone();
     }
-    conf.presence = conf.presence.or(prev.presence);
     conf.access_log = conf.access_log.or(prev.access_log);
     if conf.idle_timeout() <= conf.ping_interval() {
         let place = conf.heartbeat_at.as_ref().or(prev.heartbeat_at.as_ref());

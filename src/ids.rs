@@ -19,6 +19,14 @@ pub fn init() {
     unsafe { *ptr::addr_of_mut!(IDS) = Some(IdGen::new(seed)) };
 }
 
+/// This worker's name in presence leases, unique across workers and hosts.
+pub fn node() -> String {
+    // SAFETY: as in `init`; the reference lives only for this call.
+    unsafe { (*ptr::addr_of!(IDS)).as_ref() }
+        .map(IdGen::node)
+        .unwrap_or_default()
+}
+
 /// An id for a new event, unique across workers and hosts.
 pub fn next_id() -> String {
     // SAFETY: as in `init`; the reference lives only for this call.

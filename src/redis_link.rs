@@ -15,16 +15,15 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use ngx::ffi::{
-    ngx_current_msec, ngx_event_handler_pt, ngx_log_t, ngx_msec_t, NGX_LOG_ERR, NGX_LOG_INFO,
-    NGX_LOG_WARN,
+    ngx_current_msec, ngx_event_handler_pt, ngx_event_t, ngx_log_t, ngx_msec_t, NGX_LOG_ERR,
+    NGX_LOG_INFO, NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 use redis::Value;
 use wschat_core::backoff::Backoff;
-use wschat_core::history::{self, Position};
+use wschat_core::history::Request;
 use wschat_core::resp::{self, Limits};
-
-use wschat_core::envelope;
+use wschat_core::{envelope, history, presence};
 
 use crate::conf::{Endpoint, MainConf};
 use crate::ids;
@@ -44,6 +43,9 @@ const REPLY_LIMITS: Limits = Limits {
 /// messages, small enough that one busy link cannot starve the worker's
 /// clients. What is left is read on the next turn.
 const READ_BUDGET: usize = 256 * 1024;
+
+/// The rooms layer's clock: presence summaries go out at most this often.
+pub const TICK_MS: ngx_msec_t = 1_000;
 
 #[derive(Debug)]
 pub struct BacklogFull;
@@ -66,6 +68,7 @@ pub enum Wake {
     Write,
     Timer,
     Retry,
+    Tick,
 }
 
 /// The event handlers nginx is to call for a link's connections, indexed by
@@ -74,6 +77,8 @@ pub struct Handlers {
     pub read: [ngx_event_handler_pt; 2],
     pub write: [ngx_event_handler_pt; 2],
     pub retry: [ngx_event_handler_pt; 2],
+    /// The rooms layer's clock; its `data` is the token.
+    pub tick: ngx_event_handler_pt,
 }
 
 /// What happened on the wire, for the rooms layer.
@@ -87,18 +92,16 @@ pub enum Event {
     SubscribeRefused(Box<str>),
     /// Redis refused a PUBLISH (the link has logged why).
     PublishRefused(Tag),
-    /// The reply to `fetch`; `None` if the connection dropped before it
-    /// came (ask again).
-    Fetched {
-        tag: Tag,
-        channel: Box<str>,
-        reply: Option<Value>,
-    },
+    /// The reply to a script `call`; `None` if the connection dropped
+    /// before it came.
+    Replied { call: Call, reply: Option<Value> },
     /// Delivery stopped: a connection is down or not yet following every
     /// channel.
     Outage,
     /// Delivery resumed after an `Outage`.
     Recovered,
+    /// `TICK_MS` have passed.
+    Tick,
 }
 
 /// Where a channel's subscription stands on the subscriber connection. Only
@@ -125,37 +128,67 @@ enum Pending {
     Unsubscribe(Box<str>),
     Ping,
     Publish(Tag),
-    Fetch(Tag, Box<str>),
+    Call(Call),
     /// SCRIPT LOAD again, after Redis forgot the scripts.
     Load,
 }
 
-/// The history scripts, sent by hash once the command connection has
+/// The Lua scripts the module runs (see `history` and `presence`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Script {
+    Append,
+    Fetch,
+    Join,
+    Leave,
+    Renew,
+}
+
+const SCRIPT_CODE: [&str; 5] = [
+    history::APPEND_SCRIPT,
+    history::FETCH_SCRIPT,
+    presence::JOIN_SCRIPT,
+    presence::LEAVE_SCRIPT,
+    presence::RENEW_SCRIPT,
+];
+
+/// A script run whose reply the caller wants back, with what it needs to
+/// know which is which.
+#[derive(Debug)]
+pub struct Call {
+    pub script: Script,
+    pub tag: Tag,
+    pub channel: Box<str>,
+}
+
+/// The scripts by hash, sent as EVALSHA once the command connection has
 /// loaded them.
 struct Scripts {
-    append: redis::Script,
-    fetch: redis::Script,
+    hashes: Vec<redis::Script>,
 }
 
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            append: redis::Script::new(history::APPEND_SCRIPT),
-            fetch: redis::Script::new(history::FETCH_SCRIPT),
+            hashes: SCRIPT_CODE
+                .iter()
+                .map(|code| redis::Script::new(code))
+                .collect(),
         }
     }
 
-    fn load_commands(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        for code in [history::APPEND_SCRIPT, history::FETCH_SCRIPT] {
-            out.extend(
+    fn hash(&self, script: Script) -> &str {
+        self.hashes[script as usize].get_hash()
+    }
+
+    fn load_commands() -> Vec<Vec<u8>> {
+        (SCRIPT_CODE.iter())
+            .map(|code| {
                 redis::cmd("SCRIPT")
                     .arg("LOAD")
-                    .arg(code)
-                    .get_packed_command(),
-            );
-        }
-        out
+                    .arg(*code)
+                    .get_packed_command()
+            })
+            .collect()
     }
 }
 
@@ -242,8 +275,12 @@ pub struct Link {
     parser: redis::Parser,
     /// What happened since the rooms layer last looked.
     events: Vec<Event>,
-    /// Loaded on the command connection when some location keeps history.
+    /// Loaded on the command connection when some location keeps history
+    /// or presence.
     scripts: Option<Scripts>,
+    /// Fires every `TICK_MS` for the rooms layer (presence summaries and
+    /// leases); cancelable, so it never holds a worker that is exiting.
+    tick: ngx_event_t,
 }
 
 fn packed(args: &[&[u8]]) -> Rc<[u8]> {
@@ -298,7 +335,10 @@ impl Link {
             channels: HashMap::new(),
             parser: redis::Parser::new(),
             events: Vec::new(),
-            scripts: main.uses_history.then(Scripts::new),
+            scripts: main.uses_scripts.then(Scripts::new),
+            // SAFETY: an all-zero event is an idle, unarmed one; `start_tick`
+            // fills in what nginx needs.
+            tick: unsafe { core::mem::zeroed() },
         })
     }
 
@@ -342,6 +382,7 @@ impl Link {
     fn ensure_started(&mut self) {
         if !self.started {
             self.started = true;
+            self.start_tick();
             self.connect(Role::Sub);
             self.connect(Role::Cmd);
         }
@@ -372,9 +413,11 @@ impl Link {
         );
         let mut setup = self.endpoint.addr.setup_commands();
         let mut setup_replies = self.endpoint.addr.setup_reply_count();
-        if let (Role::Cmd, Some(scripts)) = (role, &self.scripts) {
-            setup.extend(scripts.load_commands());
-            setup_replies += 2;
+        if role == Role::Cmd && self.scripts.is_some() {
+            for load in Scripts::load_commands() {
+                setup.extend(load);
+                setup_replies += 1;
+            }
         }
         let timeout = self.timeout;
         let conn = self.conn(role);
@@ -432,11 +475,9 @@ impl Link {
                 let mut messages = 0;
                 for lost in self.cmd.pending.drain(..in_doubt) {
                     match lost {
-                        Pending::Fetch(tag, channel) => self.events.push(Event::Fetched {
-                            tag,
-                            channel,
-                            reply: None,
-                        }),
+                        Pending::Call(call) => {
+                            self.events.push(Event::Replied { call, reply: None })
+                        }
                         Pending::Publish(_) => messages += 1,
                         _ => {}
                     }
@@ -589,9 +630,38 @@ impl Link {
         self.cmd.queue_command(cmd, Pending::Publish(tag))
     }
 
+    /// Runs one of the module's scripts; with `call`, its reply comes back
+    /// as `Event::Replied`, otherwise a refusal is `Event::PublishRefused`
+    /// for `tag`.
+    pub fn eval(
+        &mut self,
+        script: Script,
+        keys: &[&str],
+        args: &[&[u8]],
+        tag: Tag,
+        call: Option<Call>,
+    ) -> Result<(), BacklogFull> {
+        self.ensure_started();
+        let Some(scripts) = &self.scripts else {
+            return Err(BacklogFull);
+        };
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(scripts.hash(script)).arg(keys.len()).arg(keys);
+        for a in args {
+            cmd.arg(*a);
+        }
+        let packed = Rc::from(cmd.get_packed_command());
+        let pending = match call {
+            Some(call) => Pending::Call(call),
+            None => Pending::Publish(tag),
+        };
+        self.cmd.queue_command(packed, pending)
+    }
+
     /// Appends a message to its room's history and publishes it, in one
     /// step in Redis: the stream entry id becomes the event's id. `head` is
-    /// the event up to its id (see `envelope::message_head`).
+    /// the event up to its id (see `envelope::message_head`); `keep` is the
+    /// history's (entries, ms).
     pub fn append(
         &mut self,
         channel: &str,
@@ -599,50 +669,58 @@ impl Link {
         keep: (usize, u64),
         tag: Tag,
     ) -> Result<(), BacklogFull> {
-        self.ensure_started();
-        let Some(scripts) = &self.scripts else {
-            return Err(BacklogFull);
-        };
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(scripts.append.get_hash())
-            .arg(1)
-            .arg(channel)
-            .arg(keep.0)
-            .arg(keep.1)
-            .arg(head)
-            .arg(envelope::ID_TAIL);
-        let packed = Rc::from(cmd.get_packed_command());
-        self.cmd.queue_command(packed, Pending::Publish(tag))
+        let (count, ms) = (keep.0.to_string(), keep.1.to_string());
+        let args: [&[u8]; 4] = [
+            count.as_bytes(),
+            ms.as_bytes(),
+            head.as_bytes(),
+            envelope::ID_TAIL.as_bytes(),
+        ];
+        self.eval(Script::Append, &[channel], &args, tag, None)
     }
 
-    /// Asks for a room's messages after `since` (the newest ones if
-    /// `None`), at most `count`; the answer comes as `Event::Fetched`.
-    pub fn fetch(
-        &mut self,
-        channel: &str,
-        since: Option<Position>,
-        count: usize,
-        tag: Tag,
-    ) -> Result<(), BacklogFull> {
-        self.ensure_started();
-        let Some(scripts) = &self.scripts else {
-            return Err(BacklogFull);
+    /// Asks for a room's history and members as `req` says; the answer
+    /// comes as `Event::Replied` with `tag`.
+    pub fn fetch(&mut self, channel: &str, req: &Request, tag: Tag) -> Result<(), BacklogFull> {
+        let since = req.since.map(|p| p.to_string()).unwrap_or_default();
+        let members = presence::members_key(channel);
+        let call = Call {
+            script: Script::Fetch,
+            tag,
+            channel: channel.into(),
         };
-        let since = since.map(|p| p.to_string()).unwrap_or_default();
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(scripts.fetch.get_hash())
-            .arg(1)
-            .arg(channel)
-            .arg(since)
-            .arg(count);
-        let packed = Rc::from(cmd.get_packed_command());
-        self.cmd
-            .queue_command(packed, Pending::Fetch(tag, channel.into()))
+        self.eval(
+            Script::Fetch,
+            &[channel, &members],
+            &[
+                since.as_bytes(),
+                req.script_count().to_string().as_bytes(),
+                req.members.to_string().as_bytes(),
+            ],
+            tag,
+            Some(call),
+        )
+    }
+
+    /// Starts the rooms layer's clock.
+    fn start_tick(&mut self) {
+        self.tick.data = self.data();
+        self.tick.handler = self.handlers.tick;
+        self.tick.log = self.log;
+        self.tick.set_cancelable(1);
+        // SAFETY: the event lives in the boxed Link, which stays in place
+        // while it is armed; Drop removes it.
+        unsafe { ngx::ffi::ngx_add_timer(&mut self.tick, TICK_MS) };
     }
 
     /// Carries out what nginx woke the link for.
     pub fn on_wake(&mut self, role: Role, wake: Wake) {
         match wake {
+            Wake::Tick => {
+                self.events.push(Event::Tick);
+                // SAFETY: as in start_tick.
+                unsafe { ngx::ffi::ngx_add_timer(&mut self.tick, TICK_MS) };
+            }
             Wake::Retry => self.connect(role),
             Wake::Timer => self.on_timer(role),
             Wake::Write => self.on_writable(role),
@@ -765,9 +843,8 @@ impl Link {
             }
         }
         match (answered, value) {
-            (Some(Pending::Fetch(tag, channel)), reply) => self.events.push(Event::Fetched {
-                tag,
-                channel,
+            (Some(Pending::Call(call)), reply) => self.events.push(Event::Replied {
+                call,
                 reply: Some(reply),
             }),
             (Some(Pending::Publish(tag)), Value::ServerError(err)) => {
@@ -924,5 +1001,14 @@ impl Link {
             let _ = conn.queue_command(packed(&[b"PING"]), Pending::Ping);
         }
         conn.peer.arm_timer(timeout);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if self.tick.timer_set() != 0 {
+            // SAFETY: the timer was armed by start_tick on this very event.
+            unsafe { ngx::ffi::ngx_del_timer(&mut self.tick) };
+        }
     }
 }

@@ -4,21 +4,22 @@
 //! once a room is live, error events and closes when Redis refuses a room,
 //! notices when delivery stops and resumes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use redis::Value;
 use wschat_core::envelope::{self, Status};
 use wschat_core::frame;
 use wschat_core::history::{self, Position, Request};
+use wschat_core::presence::{self, Changes};
 use wschat_core::room::Registry;
 use wschat_core::slab::{Key, Slab};
 
 use ngx::ffi::NGX_LOG_WARN;
 use ngx::ngx_log_error;
 
-use crate::redis_link::{Event, Link};
-use crate::session::{close, Held, Session};
+use crate::redis_link::{Call, Event, Link, Script};
+use crate::session::{close, Admission, Held, Session};
 use crate::{ids, time};
 
 /// Live messages a recovering room holds at most; past it, recovery is
@@ -26,8 +27,9 @@ use crate::{ids, time};
 const RECOVERY_HOLD: usize = 8 << 20;
 
 /// What a worker knows of one room beyond its members.
-#[derive(Default)]
 struct Room {
+    /// The room's name (its channel without the prefix).
+    name: Box<str>,
     /// The newest message delivered here: after an outage, what came later
     /// is fetched from the room's history.
     last: Option<Position>,
@@ -36,6 +38,27 @@ struct Room {
     /// Set while messages missed during an outage are fetched; live ones
     /// wait so that the missed ones go first.
     recovering: Option<(Request, Held)>,
+    /// Presence changes sent to Redis and not yet answered, in order:
+    /// (joined, member JSON).
+    awaiting: VecDeque<(bool, String)>,
+    /// The room's member count as Redis last reported it.
+    count: usize,
+    /// Changes Redis left unannounced (a busy room), for the next summary.
+    changes: Changes,
+}
+
+impl Room {
+    fn new(name: &str) -> Self {
+        Room {
+            name: name.into(),
+            last: None,
+            was_live: false,
+            recovering: None,
+            awaiting: VecDeque::new(),
+            count: 0,
+            changes: Changes::default(),
+        }
+    }
 }
 
 pub struct Rooms {
@@ -43,6 +66,10 @@ pub struct Rooms {
     /// Channel → keys of the local sessions in that room.
     members: Registry<Key>,
     rooms: HashMap<Box<str>, Room>,
+    /// Prefixes with members present in Redis, and how many: this worker
+    /// renews its lease under each.
+    prefixes: HashMap<Box<str>, usize>,
+    ticks: u64,
     /// The event buffer handed back to the link between turns.
     spare: Vec<Event>,
 }
@@ -56,6 +83,8 @@ impl Rooms {
             link,
             members: Registry::new(),
             rooms: HashMap::new(),
+            prefixes: HashMap::new(),
+            ticks: 0,
             spare: Vec::new(),
         }
     }
@@ -63,9 +92,8 @@ impl Rooms {
     /// Adds a session to its room. It is welcomed once the room's channel
     /// is live (at once if it already is).
     pub fn join(&mut self, s: &mut Session) {
-        if self.members.join(s.channel(), s.key()) {
-            self.rooms.insert(s.channel().into(), Room::default());
-        }
+        self.members.join(s.channel(), s.key());
+        (self.rooms.entry(s.channel().into())).or_insert_with(|| Room::new(s.room()));
         s.in_room = true;
         if self.link.in_outage() {
             s.notify(
@@ -75,7 +103,7 @@ impl Rooms {
             );
         }
         if self.link.subscribe(s.channel()) {
-            self.welcome(s);
+            self.admit(s);
         }
     }
 
@@ -86,11 +114,18 @@ impl Rooms {
         }
         s.in_room = false;
         if self.members.leave(s.channel(), s.key()) {
-            self.rooms.remove(s.channel());
+            if let Some(room) = self.rooms.get_mut(s.channel()) {
+                // Forgotten on a later tick, once nothing is owed to it.
+                room.was_live = false;
+            }
             self.link.unsubscribe(s.channel());
         }
-        if !s.welcomed() || !s.announces_presence() {
+        if !s.present {
             return;
+        }
+        s.present = false;
+        if let Some(n) = self.prefixes.get_mut(s.prefix()) {
+            *n = n.saturating_sub(1);
         }
         let id = ids::next_id();
         let event = envelope::presence(
@@ -101,8 +136,67 @@ impl Rooms {
             time::now_ms(),
             &id,
         );
-        // Nobody is left to tell if this fails; the link has logged why.
-        let _ = self.link.publish(s.channel(), &event, NOBODY);
+        let busy = presence::BUSY_ROOM.to_string();
+        let args: [&[u8]; 4] = [
+            s.sid().as_bytes(),
+            s.channel().as_bytes(),
+            event.as_bytes(),
+            busy.as_bytes(),
+        ];
+        self.presence_call(s, Script::Leave, &args, false);
+    }
+
+    /// Runs a presence script for a member; the reply says whether Redis
+    /// announced the change or left it to this worker's next summary.
+    fn presence_call(&mut self, s: &Session, script: Script, args: &[&[u8]], joined: bool) {
+        let members = presence::members_key(s.channel());
+        let node = presence::node_key(s.prefix(), &ids::node());
+        let call = Call {
+            script,
+            tag: NOBODY,
+            channel: s.channel().into(),
+        };
+        let sent = self
+            .link
+            .eval(script, &[&members, &node], args, NOBODY, Some(call));
+        if sent.is_ok() {
+            if let Some(room) = self.rooms.get_mut(s.channel()) {
+                room.awaiting
+                    .push_back((joined, presence::member_json(s.user(), s.sid())));
+            }
+        }
+    }
+
+    /// Puts a member in the room's list in Redis, under this worker's
+    /// lease; `announce` publishes its `join` (a small room) too.
+    fn register(&mut self, s: &mut Session, announce: bool) {
+        let member = presence::member_json(s.user(), s.sid());
+        let room = presence::room_json(s.room());
+        let leave = envelope::presence_head(envelope::Presence::Leave, s.room(), s.user(), s.sid());
+        let join = if announce {
+            let id = ids::next_id();
+            envelope::presence(
+                envelope::Presence::Join,
+                s.room(),
+                s.user(),
+                s.sid(),
+                time::now_ms(),
+                &id,
+            )
+        } else {
+            String::new()
+        };
+        let busy = presence::BUSY_ROOM.to_string();
+        let args: [&[u8]; 7] = [
+            s.sid().as_bytes(),
+            member.as_bytes(),
+            s.channel().as_bytes(),
+            room.as_bytes(),
+            leave.as_bytes(),
+            join.as_bytes(),
+            busy.as_bytes(),
+        ];
+        self.presence_call(s, Script::Join, &args, true);
     }
 
     /// Starts a session's close: it takes no further part in its room.
@@ -112,37 +206,92 @@ impl Rooms {
         }
     }
 
-    /// Sends `welcome` to a member whose room is live, asks for its
-    /// history, and tells the room it joined.
-    fn welcome(&mut self, s: &mut Session) {
-        let Some(early) = s.welcome() else {
+    /// Admits a member whose room is live: puts it in the room's list (and
+    /// tells the room), then welcomes it with the history and who is there.
+    fn admit(&mut self, s: &mut Session) {
+        if s.welcomed() || s.present {
             return;
-        };
-        // Asked for before anything below is published, so that Redis
-        // answers with the history as it was before them.
-        s.start_catch_up(&mut self.link);
+        }
         if s.announces_presence() {
-            let id = ids::next_id();
-            let join = envelope::presence(
-                envelope::Presence::Join,
-                s.room(),
-                s.user(),
-                s.sid(),
-                time::now_ms(),
-                &id,
-            );
-            if self
-                .link
-                .publish(s.channel(), &join, s.key().to_raw())
-                .is_err()
-            {
+            s.present = true;
+            let n = self.prefixes.entry(s.prefix().into()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                // A lease from the start: a worker that dies before its
+                // first renewal is swept like any other.
+                self.renew(s.prefix());
+            }
+            self.register(s, true);
+        }
+        // Asked for after the registration, so that the list includes the
+        // member, and before anything it typed is published.
+        if let Admission::Welcomed(early) = s.admit(&mut self.link) {
+            self.publish_early(s, early);
+        }
+    }
+
+    /// Publishes what a member typed before its welcome.
+    fn publish_early(&mut self, s: &mut Session, early: Option<Vec<String>>) {
+        for head in early.into_iter().flatten() {
+            if s.send_message(&mut self.link, head).is_err() {
                 s.notify_backlog_full();
             }
         }
-        // Then what the member typed while the subscription was pending.
-        for head in early {
-            if s.send_message(&mut self.link, head).is_err() {
-                s.notify_backlog_full();
+    }
+
+    /// Renews this worker's lease under `prefix`, and sweeps dead nodes.
+    fn renew(&mut self, prefix: &str) {
+        let nodes = presence::nodes_key(prefix);
+        let (lease, sweep, busy) = (
+            presence::LEASE_MS.to_string(),
+            presence::SWEEP_NODES.to_string(),
+            presence::BUSY_ROOM.to_string(),
+        );
+        let node = ids::node();
+        let args: [&[u8]; 5] = [
+            node.as_bytes(),
+            lease.as_bytes(),
+            prefix.as_bytes(),
+            sweep.as_bytes(),
+            busy.as_bytes(),
+        ];
+        let call = Call {
+            script: Script::Renew,
+            tag: NOBODY,
+            channel: prefix.into(),
+        };
+        // A full backlog means Redis is away; the next tick renews.
+        let _ = self
+            .link
+            .eval(Script::Renew, &[&nodes], &args, NOBODY, Some(call));
+    }
+
+    /// The clock: busy rooms' summaries, lease renewals, and forgetting
+    /// rooms with nobody left here.
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        for (channel, room) in &mut self.rooms {
+            if room.changes.is_empty() {
+                continue;
+            }
+            let changes = std::mem::take(&mut room.changes);
+            let event = presence::summary(&room.name, room.count, &changes, time::now_ms());
+            let _ = self.link.publish(channel, &event, NOBODY);
+        }
+        let members = &self.members;
+        self.rooms.retain(|channel, room| {
+            !members.members(channel).is_empty()
+                || !room.awaiting.is_empty()
+                || !room.changes.is_empty()
+        });
+        let every = presence::RENEW_MS / crate::redis_link::TICK_MS as u64;
+        if self.ticks.is_multiple_of(every) {
+            let prefixes: Vec<Box<str>> = (self.prefixes.iter())
+                .filter(|(_, n)| **n > 0)
+                .map(|(p, _)| p.clone())
+                .collect();
+            for prefix in prefixes {
+                self.renew(&prefix);
             }
         }
     }
@@ -173,7 +322,7 @@ impl Rooms {
                 }
                 for key in self.members.members(&channel).to_vec() {
                     if let Some(s) = sessions.get_mut(key) {
-                        self.welcome(s);
+                        self.admit(s);
                     }
                 }
             }
@@ -199,34 +348,75 @@ impl Rooms {
                     );
                 }
             }
-            Event::Fetched {
-                tag,
-                channel,
-                reply,
-            } => match Key::from_raw(tag) {
-                Some(key) => {
-                    let Some(s) = sessions.get_mut(key) else {
-                        return;
-                    };
-                    let newest = s.end_catch_up(reply.as_ref(), &mut self.link);
-                    if let Some(room) = self.rooms.get_mut(&*channel) {
-                        room.last = room.last.max(newest);
-                    }
-                }
-                None => self.end_recovery(sessions, &channel, reply.as_ref()),
-            },
+            Event::Replied { call, reply } => self.replied(sessions, call, reply.as_ref()),
+            Event::Tick => self.on_tick(),
             Event::Outage => self.notify_all(
                 sessions,
                 Status::Error,
                 "redis_unavailable",
                 "chat delivery is interrupted; messages you send are kept and delivered when it is back",
             ),
-            Event::Recovered => self.notify_all(
-                sessions,
-                Status::Notice,
-                "redis_available",
-                "chat delivery resumed",
-            ),
+            Event::Recovered => {
+                self.reregister(sessions);
+                self.notify_all(
+                    sessions,
+                    Status::Notice,
+                    "redis_available",
+                    "chat delivery resumed",
+                );
+            }
+        }
+    }
+
+    fn replied(&mut self, sessions: &mut Slab<Session>, call: Call, reply: Option<&Value>) {
+        match (call.script, Key::from_raw(call.tag)) {
+            (Script::Fetch, Some(key)) => {
+                let Some(s) = sessions.get_mut(key) else {
+                    return;
+                };
+                let (newest, early) = s.end_fetch(reply, &mut self.link);
+                if let Some(room) = self.rooms.get_mut(&*call.channel) {
+                    room.last = room.last.max(newest);
+                }
+                self.publish_early(s, early);
+            }
+            (Script::Fetch, None) => self.end_recovery(sessions, &call.channel, reply),
+            (Script::Join | Script::Leave, _) => {
+                let Some(room) = self.rooms.get_mut(&*call.channel) else {
+                    return;
+                };
+                let Some((joined, member)) = room.awaiting.pop_front() else {
+                    return;
+                };
+                // `{count, announced}`; 0: left to this worker's summary.
+                if let Some(Value::Array(r)) = reply {
+                    if let [Value::Int(count), Value::Int(announced)] = r.as_slice() {
+                        room.count = usize::try_from(*count).unwrap_or(0);
+                        if *announced == 0 {
+                            room.changes.add(joined, member);
+                        }
+                    }
+                }
+            }
+            (Script::Renew | Script::Append, _) => {}
+        }
+    }
+
+    /// After an outage Redis may have lost the member lists (a restart
+    /// without persistence): put this worker's members back, silently.
+    fn reregister(&mut self, sessions: &mut Slab<Session>) {
+        let present: Vec<Key> = (self.members.rooms())
+            .flat_map(|room| self.members.members(room).iter().copied())
+            .filter(|&k| sessions.get(k).is_some_and(|s| s.present))
+            .collect();
+        let prefixes: Vec<Box<str>> = self.prefixes.keys().cloned().collect();
+        for prefix in prefixes {
+            self.renew(&prefix);
+        }
+        for key in present {
+            if let Some(s) = sessions.get_mut(key) {
+                self.register(s, false);
+            }
         }
     }
 
@@ -292,11 +482,9 @@ impl Rooms {
             since: room.last,
             count: h.count,
             keep_ms: h.keep_ms,
+            members: 0,
         };
-        if (self.link)
-            .fetch(channel, req.since, req.script_count(), NOBODY)
-            .is_ok()
-        {
+        if self.link.fetch(channel, &req, NOBODY).is_ok() {
             room.recovering = Some((req, Held::default()));
         }
     }
@@ -310,10 +498,7 @@ impl Rooms {
         };
         let Some(reply) = reply else {
             // Lost with its connection: ask again.
-            if (self.link)
-                .fetch(channel, req.since, req.script_count(), NOBODY)
-                .is_err()
-            {
+            if self.link.fetch(channel, &req, NOBODY).is_err() {
                 self.release_recovery(sessions, channel);
             }
             return;

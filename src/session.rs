@@ -20,10 +20,11 @@ use redis::Value;
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, WebSocket};
-use wschat_core::envelope::{self, Status};
+use wschat_core::envelope::{self, Roster, Status};
 use wschat_core::frame;
 use wschat_core::frame_guard::Violation;
 use wschat_core::history::{self, Position, Request};
+use wschat_core::presence;
 use wschat_core::rate::Bucket;
 use wschat_core::slab::Key;
 
@@ -76,6 +77,15 @@ struct CoreTimes {
     lingering_timeout: ngx_msec_t,
 }
 
+/// How `Session::admit` went.
+pub enum Admission {
+    /// The welcome waits for Redis's answer (`end_fetch`).
+    Waiting,
+    /// Welcomed now; what the member typed meanwhile, for the room to
+    /// publish (`None` if it had been welcomed before).
+    Welcomed(Option<Vec<String>>),
+}
+
 /// What the handshake established, for the session it becomes.
 pub struct Upgrade {
     pub room: String,
@@ -124,6 +134,8 @@ pub struct Session {
     user: Box<str>,
     /// Whether the session is in its room's member list.
     pub in_room: bool,
+    /// Whether the session is in the room's member list in Redis.
+    pub present: bool,
     /// `None` once welcomed: then everything the room publishes reaches
     /// this client; until then what it types waits here (message heads).
     early: Option<Vec<String>>,
@@ -225,6 +237,7 @@ impl Session {
             room: room.into(),
             user: user.into(),
             in_room: false,
+            present: false,
             early: Some(Vec::new()),
             since: since_pos,
             bad_since: since.is_some() && since_pos.is_none(),
@@ -295,6 +308,10 @@ impl Session {
         &self.user
     }
 
+    pub fn prefix(&self) -> &str {
+        self.conf.channel_prefix()
+    }
+
     pub fn sid(&self) -> &str {
         &self.sid
     }
@@ -318,12 +335,12 @@ impl Session {
         self.conf.access_log() == LogAt::Upgrade
     }
 
-    /// Marks the session as live in its room and sends it `welcome`. Returns
-    /// what it typed meanwhile (for the room to publish), or `None` if it was
-    /// welcomed already.
-    pub fn welcome(&mut self) -> Option<Vec<String>> {
+    /// Marks the session as live in its room and sends it `welcome`, with
+    /// who is there when presence is on. Returns what it typed meanwhile
+    /// (for the room to publish), or `None` if it was welcomed already.
+    pub fn welcome(&mut self, roster: Option<Roster<'_>>) -> Option<Vec<String>> {
         let early = self.early.take()?;
-        let event = envelope::welcome(&self.room, &self.user, &self.sid, time::now_ms());
+        let event = envelope::welcome(&self.room, &self.user, &self.sid, roster, time::now_ms());
         self.send(frame::text_frame(event.as_bytes()));
         Some(early)
     }
@@ -369,13 +386,85 @@ impl Session {
         }
     }
 
-    /// Asks for what this member should see first: the room's recent
-    /// messages, or what it missed since `since`. Live messages wait
-    /// meanwhile.
-    pub fn start_catch_up(&mut self, link: &mut Link) {
-        let Some(h) = self.conf.history() else {
-            return;
+    /// What this member needs from Redis before its welcome: the room's
+    /// recent messages (or what it missed since `since`) and who is there.
+    fn admission(&self) -> Option<Request> {
+        let history = self.conf.history();
+        let members = if self.conf.presence() {
+            presence::BUSY_ROOM
+        } else {
+            0
         };
+        if history.is_none() && members == 0 {
+            return None;
+        }
+        Some(Request {
+            since: self.since,
+            count: history.map_or(0, |h| h.count),
+            keep_ms: history.map_or(0, |h| h.keep_ms),
+            members,
+        })
+    }
+
+    /// Admits the member to its live room: asks Redis for what the
+    /// welcome needs (live messages wait meanwhile), or welcomes it at once
+    /// when there is nothing to ask or it cannot be asked now.
+    pub fn admit(&mut self, link: &mut Link) -> Admission {
+        let Some(req) = self.admission() else {
+            return Admission::Welcomed(self.welcome(None));
+        };
+        if link.fetch(&self.channel, &req, self.key.to_raw()).is_err() {
+            let early = self.welcome(None);
+            self.history_unavailable();
+            return Admission::Welcomed(early);
+        }
+        self.fetching = Some((req, Held::default()));
+        Admission::Waiting
+    }
+
+    /// The fetch `start_fetch` asked for has come back (`None`: lost with
+    /// its connection; it is asked for again). Sends `welcome`, `gap` if
+    /// messages are missing, `history`, then what was held. Returns the
+    /// newest position sent (for the room) and what the member typed
+    /// meanwhile (for the room to publish).
+    pub fn end_fetch(
+        &mut self,
+        reply: Option<&Value>,
+        link: &mut Link,
+    ) -> (Option<Position>, Option<Vec<String>>) {
+        let Some((req, _)) = &self.fetching else {
+            return (None, None);
+        };
+        let req = *req;
+        let Some(reply) = reply else {
+            if link.fetch(&self.channel, &req, self.key.to_raw()).is_ok() {
+                return (None, None);
+            }
+            let early = self.welcome(None);
+            self.history_unavailable();
+            self.release_held();
+            return (None, early);
+        };
+        let fetched = match history::decode(reply, &req, time::now_ms()) {
+            Ok(fetched) => Some(fetched),
+            Err(_) => {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    self.log(),
+                    "websocket_chat: history and members of \"{}\" unavailable: {:?}",
+                    self.room,
+                    reply
+                );
+                None
+            }
+        };
+        let roster = (fetched.as_ref())
+            .and_then(|f| f.roster.as_ref())
+            .map(|(members, count)| Roster {
+                members,
+                count: *count,
+            });
+        let early = self.welcome(roster);
         if self.bad_since {
             self.notify(
                 Status::Error,
@@ -383,44 +472,10 @@ impl Session {
                 "since is not a message id; sending recent history instead",
             );
         }
-        let req = Request {
-            since: self.since,
-            count: h.count,
-            keep_ms: h.keep_ms,
-        };
-        let asked = link.fetch(
-            &self.channel,
-            req.since,
-            req.script_count(),
-            self.key.to_raw(),
-        );
-        match asked {
-            Ok(()) => self.fetching = Some((req, Held::default())),
-            Err(_) => self.history_unavailable(),
-        }
-    }
-
-    /// The fetch `start_catch_up` asked for has come back (`None`: lost
-    /// with its connection; it is asked for again). Sends `gap` if messages
-    /// are missing, then `history`, then what was held. Returns the newest
-    /// position sent, for the room.
-    pub fn end_catch_up(&mut self, reply: Option<&Value>, link: &mut Link) -> Option<Position> {
-        let (req, _) = self.fetching.as_ref()?;
-        let req = *req;
-        let Some(reply) = reply else {
-            let key = self.key.to_raw();
-            if link
-                .fetch(&self.channel, req.since, req.script_count(), key)
-                .is_ok()
-            {
-                return None;
-            }
-            self.release_held();
-            self.history_unavailable();
-            return None;
-        };
-        let newest = match history::decode(reply, &req, time::now_ms()) {
-            Ok(fetched) => {
+        let mut newest = None;
+        match fetched {
+            Some(_) if req.count == 0 => {}
+            Some(fetched) => {
                 let budget = self.conf.send_limit().soft;
                 let (kept, cut) = history::within_budget(&fetched.messages, budget);
                 if let (Some(since), true) = (req.since, fetched.gap || cut) {
@@ -432,24 +487,13 @@ impl Session {
                     kept.iter().map(|(_, e)| e.as_str()),
                 );
                 self.send(frame::text_frame(event.as_bytes()));
-                let newest = kept.last().map(|(p, _)| *p);
+                newest = kept.last().map(|(p, _)| *p);
                 self.cursor = self.cursor.max(newest);
-                newest
             }
-            Err(_) => {
-                ngx_log_error!(
-                    NGX_LOG_WARN,
-                    self.log(),
-                    "websocket_chat: history of \"{}\" unavailable: {:?}",
-                    self.room,
-                    reply
-                );
-                self.history_unavailable();
-                None
-            }
-        };
+            None => self.history_unavailable(),
+        }
         self.release_held();
-        newest
+        (newest, early)
     }
 
     /// Tells the client that not everything since `since` reaches it.

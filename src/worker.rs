@@ -105,6 +105,7 @@ static LINK_HANDLERS: Handlers = Handlers {
     read: [Some(link_read::<true>), Some(link_read::<false>)],
     write: [Some(link_write::<true>), Some(link_write::<false>)],
     retry: [Some(link_retry::<true>), Some(link_retry::<false>)],
+    tick: Some(link_tick),
 };
 
 impl Worker {
@@ -319,4 +320,10 @@ unsafe extern "C" fn link_retry<const SUB: bool>(ev: *mut ngx_event_t) {
     // SAFETY: arm_retry stored the link's token in the timer's data.
     let token = unsafe { (*ev).data as usize };
     with(|w| w.link_wake(token, role(SUB), Wake::Retry));
+}
+
+unsafe extern "C" fn link_tick(ev: *mut ngx_event_t) {
+    // SAFETY: start_tick stored the link's token in the timer's data.
+    let token = unsafe { (*ev).data as usize };
+    with(|w| w.link_wake(token, Role::Cmd, Wake::Tick));
 }

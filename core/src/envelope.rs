@@ -13,11 +13,34 @@ pub enum Presence {
 /// never reallocate.
 const SLACK: usize = 32;
 
-pub fn welcome(room: &str, user: &str, session: &str, ts_ms: u64) -> String {
-    let mut out = String::with_capacity(64 + room.len() + user.len() + session.len() + SLACK);
+/// Who is in the room, for `welcome`: some members (as
+/// `presence::member_json`) and how many there are in all.
+pub struct Roster<'a> {
+    pub members: &'a [String],
+    pub count: usize,
+}
+
+pub fn welcome(
+    room: &str,
+    user: &str,
+    session: &str,
+    roster: Option<Roster<'_>>,
+    ts_ms: u64,
+) -> String {
+    let listed: usize = roster
+        .as_ref()
+        .map_or(0, |r| r.members.iter().map(|m| m.len() + 1).sum());
+    let mut out =
+        String::with_capacity(96 + room.len() + user.len() + session.len() + listed + SLACK);
     out.push_str(r#"{"type":"welcome","room":"#);
     push_string(&mut out, room);
     push_user_and_session(&mut out, user, session);
+    if let Some(r) = roster {
+        out.push_str(r#","members":["#);
+        out.push_str(&r.members.join(","));
+        out.push_str(r#"],"count":"#);
+        push_u64(&mut out, r.count as u64);
+    }
     push_ts_and_close(&mut out, ts_ms);
     out
 }
@@ -51,6 +74,20 @@ pub fn message(room: &str, user: &str, session: &str, text: &str, ts_ms: u64, id
     out
 }
 
+/// A `join` or `leave` event up to and including `"ts":`, for a time
+/// filled in later (by Redis, when it sweeps a dead node's members).
+pub fn presence_head(kind: Presence, room: &str, user: &str, session: &str) -> String {
+    let mut out = String::with_capacity(72 + room.len() + user.len() + session.len() + SLACK);
+    out.push_str(match kind {
+        Presence::Join => r#"{"type":"join","room":"#,
+        Presence::Leave => r#"{"type":"leave","room":"#,
+    });
+    push_string(&mut out, room);
+    push_user_and_session(&mut out, user, session);
+    out.push_str(r#","ts":"#);
+    out
+}
+
 pub fn presence(
     kind: Presence,
     room: &str,
@@ -59,14 +96,11 @@ pub fn presence(
     ts_ms: u64,
     id: &str,
 ) -> String {
-    let mut out = String::with_capacity(72 + room.len() + user.len() + session.len() + SLACK);
-    out.push_str(match kind {
-        Presence::Join => r#"{"type":"join","room":"#,
-        Presence::Leave => r#"{"type":"leave","room":"#,
-    });
-    push_string(&mut out, room);
-    push_user_and_session(&mut out, user, session);
-    push_ts_id_and_close(&mut out, ts_ms, id);
+    let mut out = presence_head(kind, room, user, session);
+    push_u64(&mut out, ts_ms);
+    out.push_str(r#","id":"#);
+    push_string(&mut out, id);
+    out.push('}');
     out
 }
 
@@ -152,6 +186,12 @@ impl IdGen {
         }
     }
 
+    /// This generator's part of every id: the name of its worker ("node")
+    /// in presence leases.
+    pub fn node(&self) -> String {
+        format!("{:012x}", self.seed)
+    }
+
     pub fn next_id(&mut self) -> String {
         self.counter += 1;
         format!("{:012x}-{:x}", self.seed, self.counter)
@@ -161,14 +201,6 @@ impl IdGen {
 fn push_ts_and_close(out: &mut String, ts_ms: u64) {
     out.push_str(r#","ts":"#);
     push_u64(out, ts_ms);
-    out.push('}');
-}
-
-fn push_ts_id_and_close(out: &mut String, ts_ms: u64, id: &str) {
-    out.push_str(r#","ts":"#);
-    push_u64(out, ts_ms);
-    out.push_str(r#","id":"#);
-    push_string(out, id);
     out.push('}');
 }
 
@@ -192,6 +224,10 @@ fn push_u64(out: &mut String, mut n: u64) {
 /// Appends `s` as a quoted JSON string (RFC 8259). U+2028/U+2029 are also
 /// escaped: they are legal in JSON but end a line in older JavaScript, which
 /// would break clients that splice the text into script.
+pub fn push_json_string(out: &mut String, s: &str) {
+    push_string(out, s);
+}
+
 fn push_string(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push('"');
@@ -303,8 +339,17 @@ mod tests {
     #[test]
     fn welcome_shape() {
         assert_eq!(
-            welcome("lobby", "ann", "s-1", 1_700_000_000_000),
+            welcome("lobby", "ann", "s-1", None, 1_700_000_000_000),
             r#"{"type":"welcome","room":"lobby","user":"ann","session":"s-1","ts":1700000000000}"#
+        );
+        let members = [r#"{"user":"ann","session":"s-1"}"#.to_owned()];
+        let roster = Roster {
+            members: &members,
+            count: 3,
+        };
+        assert_eq!(
+            welcome("r", "ann", "s-1", Some(roster), 5),
+            r#"{"type":"welcome","room":"r","user":"ann","session":"s-1","members":[{"user":"ann","session":"s-1"}],"count":3,"ts":5}"#
         );
     }
 

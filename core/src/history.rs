@@ -38,32 +38,55 @@ impl fmt::Display for Position {
 
 /// Appends a message to the stream KEYS[1], trims it to about ARGV[1]
 /// entries, keeps it for ARGV[2] ms, and publishes the whole event
-/// (head ARGV[3] .. id .. tail ARGV[4]) on the channel of the same name.
+/// (head ARGV[3] .. id .. tail ARGV[4]) on the channel of the same name. A
+/// stream made anew (the room's first message, or the first after its
+/// history expired) records that everything before it may be gone
+/// (MAXDELETEDID, Redis 7+), so that a resume from before it sees a gap.
 pub const APPEND_SCRIPT: &str = "\
+local fresh = redis.call('EXISTS', KEYS[1]) == 0
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'h', ARGV[3], 't', ARGV[4])
+if fresh then
+  redis.pcall('XSETID', KEYS[1], id, 'MAXDELETEDID', string.match(id, '^%d+') .. '-0')
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PUBLISH', KEYS[1], ARGV[3] .. id .. ARGV[4])
 return id";
 
 /// Returns, for stream KEYS[1]: the newest ARGV[2] entries after ARGV[1]
-/// (all if ARGV[1] is empty), newest first; the oldest entry id kept; and
-/// the newest id trimmed away (Redis 7+; `0-0` for none), or false where
-/// Redis does not say.
+/// (all if ARGV[1] is empty; none if ARGV[2] is 0), newest first; the
+/// oldest entry id kept; the newest id trimmed away (Redis 7+; `0-0` for
+/// none), or false where Redis does not say; and, unless ARGV[3] is 0, up
+/// to ARGV[3] members of the room's members hash KEYS[2] and their count.
 pub const FETCH_SCRIPT: &str = "\
-local start = '-'
-if ARGV[1] ~= '' then start = '(' .. ARGV[1] end
-local entries = redis.call('XREVRANGE', KEYS[1], '+', start, 'COUNT', ARGV[2])
-local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
-local oldest = false
-if first[1] then oldest = first[1][1] end
-local trimmed = false
-local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
-if type(info) == 'table' and not info.err then
-  for i = 1, #info - 1, 2 do
-    if info[i] == 'max-deleted-entry-id' then trimmed = info[i + 1] end
+local entries, oldest, trimmed = {}, false, false
+if ARGV[2] ~= '0' then
+  local start = '-'
+  if ARGV[1] ~= '' then start = '(' .. ARGV[1] end
+  entries = redis.call('XREVRANGE', KEYS[1], '+', start, 'COUNT', ARGV[2])
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  if first[1] then oldest = first[1][1] end
+  local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
+  if type(info) == 'table' and not info.err then
+    for i = 1, #info - 1, 2 do
+      if info[i] == 'max-deleted-entry-id' then trimmed = info[i + 1] end
+    end
   end
 end
-return {entries, oldest, trimmed}";
+local members, count = false, false
+local cap = tonumber(ARGV[3])
+if cap > 0 then
+  count = redis.call('HLEN', KEYS[2])
+  members = {}
+  local cursor = '0'
+  repeat
+    local scan = redis.call('HSCAN', KEYS[2], cursor, 'COUNT', cap)
+    cursor = scan[1]
+    for i = 2, #scan[2], 2 do
+      if #members < cap then members[#members + 1] = scan[2][i] end
+    end
+  until cursor == '0' or #members >= cap
+end
+return {entries, oldest, trimmed, members, count}";
 
 /// The position in a message event: its last field, `"id":"<ms>-<seq>"`.
 /// Other events (presence, notices) have none.
@@ -82,6 +105,8 @@ pub struct Fetched {
     /// Messages after `since` are missing: trimmed, expired, or more than
     /// were asked for.
     pub gap: bool,
+    /// Some of the room's members (JSON objects) and how many there are.
+    pub roster: Option<(Vec<String>, usize)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -92,16 +117,21 @@ pub struct BadReply;
 pub struct Request {
     /// Only messages after this one; `None` for the newest ones.
     pub since: Option<Position>,
-    /// At most this many messages.
+    /// At most this many messages (0: no history).
     pub count: usize,
     /// How long Redis keeps a quiet room's history, in ms.
     pub keep_ms: u64,
+    /// At most this many members (0: no member list).
+    pub members: usize,
 }
 
 impl Request {
     /// COUNT for the script: one more than wanted when resuming, so that
     /// "more were missed than are returned" shows.
     pub fn script_count(&self) -> usize {
+        if self.count == 0 {
+            return 0;
+        }
         self.count + usize::from(self.since.is_some())
     }
 }
@@ -144,17 +174,32 @@ pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadR
     let Value::Array(parts) = reply else {
         return Err(BadReply);
     };
-    let [Value::Array(entries), oldest, trimmed] = parts.as_slice() else {
+    let [Value::Array(entries), oldest, trimmed, members, count] = parts.as_slice() else {
         return Err(BadReply);
     };
     let mut messages = Vec::with_capacity(entries.len());
     for e in entries.iter().rev() {
         messages.push(entry(e).ok_or(BadReply)?);
     }
-    let Some(since) = req.since else {
+    let roster = match (members, count) {
+        (Value::Array(members), Value::Int(count)) => {
+            let members = (members.iter())
+                .map(|m| {
+                    bulk(m)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .map(str::to_owned)
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or(BadReply)?;
+            Some((members, usize::try_from(*count).map_err(|_| BadReply)?))
+        }
+        _ => None,
+    };
+    let Some(since) = req.since.filter(|_| req.count > 0) else {
         return Ok(Fetched {
             messages,
             gap: false,
+            roster,
         });
     };
     let mut gap = messages.len() > req.count;
@@ -171,7 +216,11 @@ pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadR
         // be there, unless `since` is older than the room's keep time.
         (None, None) => since.ms.saturating_add(req.keep_ms) < now_ms,
     };
-    Ok(Fetched { messages, gap })
+    Ok(Fetched {
+        messages,
+        gap,
+        roster,
+    })
 }
 
 /// The newest messages whose events fit in `budget` bytes, oldest first,
@@ -220,6 +269,8 @@ mod tests {
             Value::Array(entries),
             oldest.map_or(Value::Nil, b),
             trimmed.map_or(Value::Nil, b),
+            Value::Nil,
+            Value::Nil,
         ])
     }
 
@@ -228,6 +279,7 @@ mod tests {
             since: since.map(pos),
             count,
             keep_ms: 60_000,
+            members: 0,
         }
     }
 
@@ -345,16 +397,48 @@ mod tests {
     }
 
     #[test]
+    fn the_roster_comes_with_its_count() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![]),
+            Value::Nil,
+            Value::Nil,
+            Value::Array(vec![b(r#"{"user":"a","session":"s"}"#)]),
+            Value::Int(7),
+        ]);
+        let got = decode(&reply, &req(None, 0), 0).unwrap();
+        assert_eq!(
+            got.roster,
+            Some((vec![r#"{"user":"a","session":"s"}"#.to_owned()], 7))
+        );
+        assert!(got.messages.is_empty());
+    }
+
+    #[test]
     fn malformed_replies_are_refused() {
         for bad in [
             Value::Nil,
             Value::Array(vec![]),
-            Value::Array(vec![b("x"), Value::Nil, Value::Nil]),
-            Value::Array(vec![Value::Array(vec![b("junk")]), Value::Nil, Value::Nil]),
+            Value::Array(vec![b("x"), Value::Nil, Value::Nil, Value::Nil, Value::Nil]),
+            Value::Array(vec![
+                Value::Array(vec![b("junk")]),
+                Value::Nil,
+                Value::Nil,
+                Value::Nil,
+                Value::Nil,
+            ]),
             Value::Array(vec![
                 Value::Array(vec![stream_entry("not-an-id", "{")]),
                 Value::Nil,
                 Value::Nil,
+                Value::Nil,
+                Value::Nil,
+            ]),
+            Value::Array(vec![
+                Value::Array(vec![]),
+                Value::Nil,
+                Value::Nil,
+                Value::Array(vec![Value::Int(3)]),
+                Value::Int(1),
             ]),
         ] {
             assert_eq!(decode(&bad, &req(None, 5), 0), Err(BadReply), "{bad:?}");
@@ -380,5 +464,6 @@ mod tests {
     fn request_count_asks_one_more_when_resuming() {
         assert_eq!(req(None, 10).script_count(), 10);
         assert_eq!(req(Some("1-0"), 10).script_count(), 11);
+        assert_eq!(req(Some("1-0"), 0).script_count(), 0);
     }
 }

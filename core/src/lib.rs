@@ -8,6 +8,7 @@ pub mod frame_guard;
 pub mod handshake;
 pub mod history;
 pub mod names;
+pub mod presence;
 pub mod rate;
 pub mod redis_addr;
 pub mod resp;

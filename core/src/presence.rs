@@ -1,0 +1,198 @@
+//! Who is in a room, across every worker and host: a Redis hash per room
+//! (`<channel>:members`, session id → member), kept honest by leases. Each
+//! worker ("node") renews its lease on a timer and records, per node, the
+//! sessions it holds; a node whose lease runs out is swept by whichever
+//! worker notices first, and its members leave with `leave` events. Nothing
+//! depends on a dying process saying goodbye.
+//!
+//! Big rooms must not cost O(N²): past `BUSY_ROOM` members, joins and
+//! leaves are no longer announced one by one but summed up in at most one
+//! `presence` event per worker per tick.
+
+/// Rooms with more members than this get `presence` summaries instead of
+/// one `join`/`leave` event per change, and `welcome` lists this many.
+pub const BUSY_ROOM: usize = 100;
+/// Members named in one `presence` summary (the count is always exact).
+pub const SUMMARY_NAMES: usize = 20;
+/// How long a node's lease lasts without renewal, and how often it is
+/// renewed: a dead node's members are gone within about their sum.
+pub const LEASE_MS: u64 = 15_000;
+pub const RENEW_MS: u64 = 5_000;
+/// Dead nodes one sweep handles at most; the next renewal takes the rest.
+pub const SWEEP_NODES: usize = 8;
+
+/// KEYS: members hash, node hash. ARGV: session id, member JSON, channel,
+/// room JSON, leave-event head (up to `"ts":`), join event (empty: a
+/// silent re-registration), BUSY_ROOM. Returns `{count, announced}`,
+/// announced being 1, 0 (left to a summary) or -1 (silent).
+pub const JOIN_SCRIPT: &str = "\
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3] .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[5])
+local n = redis.call('HLEN', KEYS[1])
+if ARGV[6] == '' then return {n, -1} end
+if n <= tonumber(ARGV[7]) then
+  redis.call('PUBLISH', ARGV[3], ARGV[6])
+  return {n, 1}
+end
+return {n, 0}";
+
+/// KEYS: members hash, node hash. ARGV: session id, channel, leave event,
+/// BUSY_ROOM. Returns `{count, announced}`; a member already swept is not
+/// announced twice.
+pub const LEAVE_SCRIPT: &str = "\
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+local n = redis.call('HLEN', KEYS[1])
+if removed == 1 and n < tonumber(ARGV[4]) then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return {n, 1}
+end
+return {n, removed == 1 and 0 or -1}";
+
+/// KEYS: the nodes sorted set. ARGV: this node, lease ms, the prefix,
+/// SWEEP_NODES, BUSY_ROOM. Renews this node's lease, then removes the
+/// members of nodes whose lease ran out and tells their rooms: a `leave`
+/// each in small rooms, one `presence` summary in busy ones. Returns the
+/// number of members removed.
+pub const RENEW_SCRIPT: &str = "\
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
+local removed = 0
+local busy = {}
+for _, node in ipairs(dead) do
+  if redis.call('ZREM', KEYS[1], node) == 1 then
+    local key = ARGV[3] .. 'node:' .. node
+    local sessions = redis.call('HGETALL', key)
+    for i = 1, #sessions, 2 do
+      local v = sessions[i + 1]
+      local a = string.find(v, '\\n', 1, true)
+      local b = string.find(v, '\\n', a + 1, true)
+      local channel = string.sub(v, 1, a - 1)
+      local room = string.sub(v, a + 1, b - 1)
+      if redis.call('HDEL', channel .. ':members', sessions[i]) == 1 then
+        removed = removed + 1
+        local n = redis.call('HLEN', channel .. ':members')
+        if n < tonumber(ARGV[5]) then
+          redis.call('PUBLISH', channel, string.sub(v, b + 1) .. now .. ',\"id\":\"swept-' .. node .. '-' .. i .. '\"}')
+        else
+          busy[channel] = {room, (busy[channel] and busy[channel][2] or 0) + 1}
+        end
+      end
+    end
+    redis.call('DEL', key)
+  end
+end
+for channel, r in pairs(busy) do
+  local n = redis.call('HLEN', channel .. ':members')
+  redis.call('PUBLISH', channel, '{\"type\":\"presence\",\"room\":' .. r[1] .. ',\"count\":' .. n .. ',\"joined\":[],\"left\":[],\"gone\":' .. r[2] .. ',\"ts\":' .. now .. '}')
+end
+return removed";
+
+/// The hash of a room's members: session id → `member_json`.
+pub fn members_key(channel: &str) -> String {
+    format!("{channel}:members")
+}
+
+/// The hash of the sessions one node holds, for sweeping them if it dies.
+pub fn node_key(prefix: &str, node: &str) -> String {
+    format!("{prefix}node:{node}")
+}
+
+/// The sorted set of nodes by lease expiry.
+pub fn nodes_key(prefix: &str) -> String {
+    format!("{prefix}nodes")
+}
+
+/// One member as it appears in lists: `{"user":…,"session":…}`.
+pub fn member_json(user: &str, session: &str) -> String {
+    let mut out = String::with_capacity(32 + user.len() + session.len());
+    out.push_str(r#"{"user":"#);
+    crate::envelope::push_json_string(&mut out, user);
+    out.push_str(r#","session":"#);
+    crate::envelope::push_json_string(&mut out, session);
+    out.push('}');
+    out
+}
+
+/// The room name as a JSON string, for events Redis builds.
+pub fn room_json(room: &str) -> String {
+    let mut out = String::with_capacity(room.len() + 2);
+    crate::envelope::push_json_string(&mut out, room);
+    out
+}
+
+/// Changes to announce in a busy room's next summary.
+#[derive(Default, Debug)]
+pub struct Changes {
+    pub joined: Vec<String>,
+    pub left: Vec<String>,
+    /// Changes beyond the names kept.
+    pub more: usize,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.joined.is_empty() && self.left.is_empty() && self.more == 0
+    }
+
+    /// Records a member (as `member_json`) that joined or left.
+    pub fn add(&mut self, joined: bool, member: String) {
+        let list = if joined {
+            &mut self.joined
+        } else {
+            &mut self.left
+        };
+        if list.len() < SUMMARY_NAMES {
+            list.push(member);
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
+/// A busy room's `presence` summary: the exact count, and some of who
+/// came and went.
+pub fn summary(room: &str, count: usize, changes: &Changes, ts_ms: u64) -> String {
+    let mut out = String::with_capacity(96 + room.len());
+    out.push_str(r#"{"type":"presence","room":"#);
+    crate::envelope::push_json_string(&mut out, room);
+    out.push_str(&format!(r#","count":{count},"joined":["#));
+    out.push_str(&changes.joined.join(","));
+    out.push_str(r#"],"left":["#);
+    out.push_str(&changes.left.join(","));
+    out.push_str(&format!(r#"],"more":{},"ts":{ts_ms}}}"#, changes.more));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_and_rooms_are_json() {
+        assert_eq!(
+            member_json("a\"b", "s-1"),
+            r#"{"user":"a\"b","session":"s-1"}"#
+        );
+        assert_eq!(room_json("x\\y"), r#""x\\y""#);
+    }
+
+    #[test]
+    fn a_summary_names_some_and_counts_all() {
+        let mut c = Changes::default();
+        assert!(c.is_empty());
+        for i in 0..SUMMARY_NAMES + 3 {
+            c.add(true, member_json(&format!("u{i}"), "s"));
+        }
+        c.add(false, member_json("gone", "s"));
+        assert_eq!(c.joined.len(), SUMMARY_NAMES);
+        assert_eq!(c.more, 3);
+        let s = summary("r", 150, &c, 9);
+        assert!(
+            s.starts_with(r#"{"type":"presence","room":"r","count":150,"joined":[{"user":"u0","#)
+        );
+        assert!(s.ends_with(r#""left":[{"user":"gone","session":"s"}],"more":3,"ts":9}"#));
+    }
+}
