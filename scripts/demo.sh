@@ -4,7 +4,7 @@
 # redis-server on a free loopback port.
 #
 #   scripts/demo.sh          build, (re)start, print the URL
-#   scripts/demo.sh stop     stop nginx and the private redis
+#   scripts/demo.sh stop     stop nginx (graceful: pages see 1001) and the private redis
 #
 # Environment:
 #   REDIS_URL    use this Redis (any websocket_chat_redis address form:
@@ -28,8 +28,11 @@ SELF="$WSCHAT_ROOT/scripts/demo.sh"
 
 stop_demo() {
     local any=0
-    if pid_alive "$RUN/nginx.pid"; then any=1; log "stopping nginx (pid $(cat "$RUN/nginx.pid"))"; fi
-    stop_pidfile "$RUN/nginx.pid" 10
+    # QUIT: graceful shutdown. Chat sessions get close code 1001 ("going
+    # away"), so open pages reconnect (and resume) once nginx is back;
+    # TERM then KILL only if it has not gone within 10 s.
+    if pid_alive "$RUN/nginx.pid"; then any=1; log "stopping nginx gracefully (pid $(cat "$RUN/nginx.pid"), QUIT)"; fi
+    stop_pidfile "$RUN/nginx.pid" 10 QUIT
     if pid_alive "$RUN/redis.pid"; then any=1; log "stopping redis-server (pid $(cat "$RUN/redis.pid"))"; fi
     stop_pidfile "$RUN/redis.pid" 5
     return $((1 - any))

@@ -94,18 +94,37 @@ pid_alive() {
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
 
-# stop_pidfile pidfile [seconds=5]: TERM the process in pidfile, wait for it to
-# go (KILL after the grace period), remove the file.
+# gone_within pid seconds: wait up to that long for pid to exit; true if it did.
+gone_within() {
+    local pid=$1 secs=$2 i
+    for ((i = 0; i < secs * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    ! kill -0 "$pid" 2>/dev/null
+}
+
+# stop_pidfile pidfile [seconds=5] [signal=TERM]: send signal (TERM, or QUIT
+# for nginx's graceful shutdown) to the process in pidfile and wait for it to
+# go; after the grace period send TERM (if the signal was another one) and
+# wait 3 more seconds, then KILL it and its direct children (nginx workers).
+# Removes the file.
 stop_pidfile() {
-    local f=$1 secs=${2:-5} pid i
+    local f=$1 secs=${2:-5} sig=${3:-TERM} pid kids
     if pid_alive "$f"; then
         pid=$(cat "$f")
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < secs * 10; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+        kill -"$sig" "$pid" 2>/dev/null || true
+        if ! gone_within "$pid" "$secs" && [ "$sig" != TERM ]; then
+            log "pid $pid still running ${secs}s after $sig; sending TERM"
+            kill -TERM "$pid" 2>/dev/null || true
+            gone_within "$pid" 3 || true
+        fi
+        if kill -0 "$pid" 2>/dev/null; then
+            log "pid $pid still running; sending KILL"
+            kids=$(ps -o pid= --ppid "$pid" 2>/dev/null || true)
+            # shellcheck disable=SC2086 # one pid per word
+            kill -KILL "$pid" $kids 2>/dev/null || true
+        fi
     fi
     rm -f "$f"
 }

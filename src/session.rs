@@ -147,7 +147,8 @@ pub struct Session {
     /// it is a duplicate.
     cursor: Option<Position>,
     /// Set while this member's history is being fetched.
-    fetching: Option<(Request, Held)>,
+    /// Boxed: idle sessions, the many, need only the pointer.
+    fetching: Option<Box<(Request, Held)>>,
     closing: bool,
     /// The client may still be sending (it caused the close, or sent more
     /// since): once the close frame is out, linger rather than close.
@@ -349,7 +350,8 @@ impl Session {
     /// has had its message already (the seam between history and live) or
     /// must first get its history.
     pub fn deliver(&mut self, pos: Option<Position>, frame: &Rc<[u8]>) {
-        if let Some((_, held)) = &mut self.fetching {
+        if let Some(fetch) = &mut self.fetching {
+            let held = &mut fetch.1;
             let limit = self.conf.send_limit();
             if !held.hold(pos, frame, limit.soft + limit.burst) {
                 self.pending_close = Some((close::POLICY, close::SLOW_CONSUMER));
@@ -418,7 +420,7 @@ impl Session {
             self.history_unavailable();
             return Admission::Welcomed(early);
         }
-        self.fetching = Some((req, Held::default()));
+        self.fetching = Some(Box::new((req, Held::default())));
         Admission::Waiting
     }
 
@@ -432,10 +434,9 @@ impl Session {
         reply: Option<&Value>,
         link: &mut Link,
     ) -> (Option<Position>, Option<Vec<String>>) {
-        let Some((req, _)) = &self.fetching else {
+        let Some(req) = self.fetching.as_ref().map(|f| f.0) else {
             return (None, None);
         };
-        let req = *req;
         let Some(reply) = reply else {
             if link.fetch(&self.channel, &req, self.key.to_raw()).is_ok() {
                 return (None, None);
@@ -508,7 +509,8 @@ impl Session {
     }
 
     fn release_held(&mut self) {
-        if let Some((_, held)) = self.fetching.take() {
+        if let Some(fetch) = self.fetching.take() {
+            let (_, held) = *fetch;
             for (pos, frame) in held.frames {
                 self.deliver(pos, &frame);
             }

@@ -12,6 +12,7 @@ package Cdp;
 #       or die;
 #   $b->fill('#nick', 'alice');  $b->click('#join');
 #   $b->screenshot('t/tmp/page.png');
+#   my $p = $b->new_context;                        # a second, separate profile
 #   $b->close;                                      # also on DESTROY
 #
 # Every read has a deadline; nothing blocks without one. Strings passed in are
@@ -118,6 +119,69 @@ sub launch {
     $self->call('Page.enable');
     $self->call('Runtime.enable');
     return $self;
+}
+
+# $b->new_context: a page in a new browser context of the same Chromium (its
+# own cookies, localStorage, sessionStorage and cache, as a separate
+# incognito profile), as a Cdp object with the same methods. Its close()
+# disposes of that context only; the launching object still owns the browser.
+sub new_context {
+    my ($self, %o) = @_;
+    die "Cdp: new_context needs the launching object\n" if $self->{parent};
+    my $browser = $self->_browser_conn;
+    my $ctx = $browser->call('Target.createBrowserContext', {})->{browserContextId}
+        or die "Cdp: Target.createBrowserContext returned no id\n";
+    my $tid = $browser->call('Target.createTarget',
+        { url => 'about:blank', browserContextId => $ctx })->{targetId}
+        or die "Cdp: Target.createTarget returned no id\n";
+    my $page = bless { port => $self->{port}, next_id => 1, events => [], rbuf => '',
+                       parent => $self, context => $ctx, target => $tid }, ref $self;
+    $page->{ws_url} = "ws://127.0.0.1:$self->{port}/devtools/page/$tid";
+    $page->_ws_connect($page->{ws_url}, $o{timeout} // 10);
+    $page->call('Page.enable');
+    $page->call('Runtime.enable');
+    return $page;
+}
+
+# The browser-level DevTools connection (Target.* commands), opened once.
+sub _browser_conn {
+    my $self = shift;
+    return $self->{browser} if $self->{browser};
+    my $r = HTTP::Tiny->new(timeout => 5)->get("http://127.0.0.1:$self->{port}/json/version");
+    die "Cdp: /json/version: $r->{status} $r->{reason}\n" unless $r->{success};
+    my $url = $JSON->decode($r->{content})->{webSocketDebuggerUrl}
+        or die "Cdp: /json/version has no webSocketDebuggerUrl\n";
+    my $b = bless { port => $self->{port}, next_id => 1, events => [], rbuf => '',
+                    parent => $self, is_browser => 1 }, ref $self;
+    $b->_ws_connect($url, 10);
+    return $self->{browser} = $b;
+}
+
+# add_init_script(js): run this script in every document the page loads from
+# now on, before the page's own scripts (Page.addScriptToEvaluateOnNewDocument).
+sub add_init_script {
+    my ($self, $js) = @_;
+    return $self->call('Page.addScriptToEvaluateOnNewDocument', { source => "$js" })->{identifier};
+}
+
+# reload(timeout=15): reload the page and wait for its load event.
+sub reload {
+    my ($self, $timeout) = @_;
+    $self->take_events('Page.loadEventFired');
+    $self->call('Page.reload', {}, $timeout);
+    $self->wait_event('Page.loadEventFired', $timeout // 15)
+        or die "Cdp: the page did not finish reloading\n";
+}
+
+# JavaScript dialogs (alert, confirm, prompt) opened so far: their messages.
+# Each is dismissed, so that the page does not stay blocked.
+sub take_dialogs {
+    my $self = shift;
+    my @d = $self->take_events('Page.javascriptDialogOpening');
+    for (@d) {
+        eval { $self->call('Page.handleJavaScriptDialog', { accept => JSON::PP::false }, 5) };
+    }
+    return map { $_->{message} // '' } @d;
 }
 
 sub pid     { $_[0]{pid} }
@@ -411,7 +475,18 @@ sub console_lines {
 # gone. Safe to call twice.
 sub close {
     my $self = shift;
+    if (my $parent = $self->{parent}) {
+        # A page of new_context (or the browser-level connection).
+        return if $self->{closed}++;
+        if ($self->{sock}) { CORE::close $self->{sock}; delete $self->{sock} }
+        if ($self->{context} && $parent->{browser} && $parent->{browser}{sock}) {
+            eval { $parent->{browser}->call('Target.disposeBrowserContext',
+                                            { browserContextId => $self->{context} }, 5) };
+        }
+        return;
+    }
     return unless $self->{owner} && $self->{owner} == $$;
+    if (my $b = delete $self->{browser}) { $b->close }
     if ($self->{sock}) {
         eval { $self->_send_frame(0x1, $JSON->encode({ id => $self->{next_id}++,
                                                        method => 'Browser.close' })) };
