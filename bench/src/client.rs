@@ -51,6 +51,9 @@ struct Shared {
     out_of_order: u64,
     misrouted: u64,
     foreign: u64,
+    /// join/leave/presence events, in all and at most on one connection.
+    presence_events: u64,
+    presence_max: u64,
     server_errors: u64,
     disconnects: u64,
     storm_ok: u64,
@@ -263,6 +266,7 @@ struct Tally {
     publishers: usize,
     seen: Vec<Vec<u64>>,
     last: Vec<i64>,
+    presence: u64,
     sh: Sh,
 }
 
@@ -275,6 +279,7 @@ impl Tally {
             publishers,
             seen: vec![Vec::new(); publishers],
             last: vec![-1; publishers],
+            presence: 0,
             sh,
         }
     }
@@ -289,7 +294,18 @@ impl Tally {
                 s.note_error(format!("server error event: {t}"));
                 return;
             }
-            Frame::Other => return,
+            Frame::Other => {
+                if ["join", "leave", "presence"]
+                    .iter()
+                    .any(|k| t.starts_with(&format!("{{\"type\":\"{k}\"")))
+                {
+                    self.presence += 1;
+                    let mut s = self.sh.borrow_mut();
+                    s.presence_events += 1;
+                    s.presence_max = s.presence_max.max(self.presence);
+                }
+                return;
+            }
         };
         let mut s = self.sh.borrow_mut();
         let h = match parse_header(text) {
@@ -527,6 +543,8 @@ fn shard_result(s: &Shared) -> serde_json::Value {
         "out_of_order": s.out_of_order,
         "misrouted": s.misrouted,
         "foreign": s.foreign,
+        "presence_events": s.presence_events,
+        "presence_max": s.presence_max,
         "server_errors": s.server_errors,
         "disconnects": s.disconnects,
         "latency_hist": s.lat.as_ref().map(hist_to_json),

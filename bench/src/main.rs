@@ -372,6 +372,12 @@ fn merge(cfg: &Config, results: &[Value], x: Extra) -> Value {
             "out_of_order": sum(results, "out_of_order"),
             "misrouted": sum(results, "misrouted"),
             "foreign": sum(results, "foreign"),
+            "presence_events": sum(results, "presence_events"),
+            "presence_events_max_per_connection": results
+                .iter()
+                .filter_map(|r| r["presence_max"].as_u64())
+                .max()
+                .unwrap_or(0),
             "messages_delivered_to_all": msg_all,
             "messages_delivered_to_some": msg_partial,
             "messages_delivered_to_none": msg_none,

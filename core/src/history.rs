@@ -38,37 +38,36 @@ impl fmt::Display for Position {
 
 /// Appends a message to the stream KEYS[1], trims it to about ARGV[1]
 /// entries, keeps it for ARGV[2] ms, and publishes the whole event
-/// (head ARGV[3] .. id .. tail ARGV[4]) on the channel of the same name. A
-/// stream made anew (the room's first message, or the first after its
-/// history expired) records that everything before it may be gone
-/// (MAXDELETEDID, Redis 7+), so that a resume from before it sees a gap.
+/// (head ARGV[3] .. id .. tail ARGV[4]) on the channel of the same name.
 pub const APPEND_SCRIPT: &str = "\
-local fresh = redis.call('EXISTS', KEYS[1]) == 0
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'h', ARGV[3], 't', ARGV[4])
-if fresh then
-  redis.pcall('XSETID', KEYS[1], id, 'MAXDELETEDID', string.match(id, '^%d+') .. '-0')
-end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PUBLISH', KEYS[1], ARGV[3] .. id .. ARGV[4])
 return id";
 
 /// Returns, for stream KEYS[1]: the newest ARGV[2] entries after ARGV[1]
 /// (all if ARGV[1] is empty; none if ARGV[2] is 0), newest first; the
-/// oldest entry id kept; the newest id trimmed away (Redis 7+; `0-0` for
-/// none), or false where Redis does not say; and, unless ARGV[3] is 0, up
-/// to ARGV[3] members of the room's members hash KEYS[2] and their count.
+/// oldest entry id kept; whether ARGV[1] itself is still kept (1/0); how
+/// many entries the stream ever had and has now (Redis 7+, else false),
+/// which tells a trimmed stream from one made anew; and, unless ARGV[3] is
+/// 0, up to ARGV[3] members of the room's members hash KEYS[2] and their
+/// count.
 pub const FETCH_SCRIPT: &str = "\
-local entries, oldest, trimmed = {}, false, false
+local entries, oldest, kept, added, length = {}, false, 0, false, false
 if ARGV[2] ~= '0' then
   local start = '-'
-  if ARGV[1] ~= '' then start = '(' .. ARGV[1] end
+  if ARGV[1] ~= '' then
+    start = '(' .. ARGV[1]
+    kept = #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+  end
   entries = redis.call('XREVRANGE', KEYS[1], '+', start, 'COUNT', ARGV[2])
   local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
   if first[1] then oldest = first[1][1] end
   local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
   if type(info) == 'table' and not info.err then
     for i = 1, #info - 1, 2 do
-      if info[i] == 'max-deleted-entry-id' then trimmed = info[i + 1] end
+      if info[i] == 'entries-added' then added = info[i + 1] end
+      if info[i] == 'length' then length = info[i + 1] end
     end
   end
 end
@@ -86,7 +85,7 @@ if cap > 0 then
     end
   until cursor == '0' or #members >= cap
 end
-return {entries, oldest, trimmed, members, count}";
+return {entries, oldest, kept, added, length, members, count}";
 
 /// The position in a message event: its last field, `"id":"<ms>-<seq>"`.
 /// Other events (presence, notices) have none.
@@ -174,7 +173,8 @@ pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadR
     let Value::Array(parts) = reply else {
         return Err(BadReply);
     };
-    let [Value::Array(entries), oldest, trimmed, members, count] = parts.as_slice() else {
+    let [Value::Array(entries), oldest, kept, added, length, members, count] = parts.as_slice()
+    else {
         return Err(BadReply);
     };
     let mut messages = Vec::with_capacity(entries.len());
@@ -206,15 +206,27 @@ pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadR
     if gap {
         messages.remove(0);
     }
-    gap |= match (position(trimmed), position(oldest)) {
-        // Redis 7 says what it trimmed.
-        (Some(trimmed), _) => trimmed > since,
-        // Older Redis: the oldest entry kept is newer than `since`, so
-        // something in between may have been trimmed.
-        (None, Some(oldest)) => oldest > since,
+    let since_kept = matches!(kept, Value::Int(n) if *n > 0);
+    // Redis 7 counts what a stream ever had: more than it has means trimmed.
+    let trimmed = match (added, length) {
+        (Value::Int(added), Value::Int(length)) => added > length,
+        _ => true,
+    };
+    gap |= match position(oldest) {
+        // Trimming drops the oldest first: with `since` kept, all after it is.
+        _ if since_kept => false,
+        Some(oldest) if oldest > since => {
+            // Trimmed past `since`; or a stream made anew (the room's
+            // history expired, or Redis restarted empty): only an expiry
+            // loses messages, and it needs the keep time of quiet first.
+            trimmed || since.ms.saturating_add(req.keep_ms) < oldest.ms
+        }
+        // `since` is not (or no longer) a message of this stream, and
+        // nothing older than it is kept either: nothing to tell.
+        Some(_) => false,
         // No history at all: anything published after `since` would still
         // be there, unless `since` is older than the room's keep time.
-        (None, None) => since.ms.saturating_add(req.keep_ms) < now_ms,
+        None => since.ms.saturating_add(req.keep_ms) < now_ms,
     };
     Ok(Fetched {
         messages,
@@ -260,15 +272,27 @@ mod tests {
         ])
     }
 
-    fn reply(ids_newest_first: &[&str], oldest: Option<&str>, trimmed: Option<&str>) -> Value {
+    /// A fetch reply; `stream` is `(kept, added, length)` where Redis 7
+    /// says so.
+    fn reply(
+        ids_newest_first: &[&str],
+        oldest: Option<&str>,
+        kept: bool,
+        stream: Option<(i64, i64)>,
+    ) -> Value {
         let entries = ids_newest_first
             .iter()
             .map(|id| stream_entry(id, r#"{"id":""#))
             .collect();
+        let (added, length) = stream.map_or((Value::Nil, Value::Nil), |(a, l)| {
+            (Value::Int(a), Value::Int(l))
+        });
         Value::Array(vec![
             Value::Array(entries),
             oldest.map_or(Value::Nil, b),
-            trimmed.map_or(Value::Nil, b),
+            Value::Int(i64::from(kept)),
+            added,
+            length,
             Value::Nil,
             Value::Nil,
         ])
@@ -326,7 +350,12 @@ mod tests {
 
     #[test]
     fn a_fresh_join_gets_the_newest_oldest_first() {
-        let got = decode(&reply(&["3-0", "2-0"], Some("1-0"), None), &req(None, 2), 0).unwrap();
+        let got = decode(
+            &reply(&["3-0", "2-0"], Some("1-0"), false, None),
+            &req(None, 2),
+            0,
+        )
+        .unwrap();
         let ids: Vec<String> = got.messages.iter().map(|(p, _)| p.to_string()).collect();
         assert_eq!(ids, ["2-0", "3-0"]);
         assert_eq!(got.messages[0].1, r#"{"id":"2-0"}"#);
@@ -335,17 +364,25 @@ mod tests {
 
     #[test]
     fn a_resume_sees_a_gap_only_where_messages_are_missing() {
-        // All that was missed is there.
-        let r = decode(
-            &reply(&["3-0", "2-0"], Some("1-0"), None),
-            &req(Some("1-0"), 5),
-            0,
-        )
-        .unwrap();
-        assert!(!r.gap);
+        let gap = |r: Value, since: &str, count: usize, now: u64| {
+            decode(&r, &req(Some(since), count), now).unwrap().gap
+        };
+        // `since` is still kept: all after it is there.
+        assert!(!gap(
+            reply(&["3-0", "2-0"], Some("1-0"), true, Some((3, 3))),
+            "1-0",
+            5,
+            0
+        ));
+        assert!(!gap(
+            reply(&["3-0"], Some("1-0"), true, Some((900, 3))),
+            "2-0",
+            5,
+            0
+        ));
         // More were missed than asked for: the extra one is dropped.
         let r = decode(
-            &reply(&["4-0", "3-0", "2-0"], Some("1-0"), None),
+            &reply(&["4-0", "3-0", "2-0"], Some("1-0"), true, Some((4, 4))),
             &req(Some("1-0"), 2),
             0,
         )
@@ -353,53 +390,49 @@ mod tests {
         assert!(r.gap);
         assert_eq!(r.messages.len(), 2);
         assert_eq!(r.messages[0].0, pos("3-0"));
-        // Redis 7 trimmed something after `since`...
-        let r = decode(
-            &reply(&["9-0"], Some("9-0"), Some("8-0")),
-            &req(Some("5-0"), 5),
-            0,
-        )
-        .unwrap();
-        assert!(r.gap);
-        // ...or only what came before it, or nothing.
-        let r = decode(
-            &reply(&["9-0"], Some("9-0"), Some("5-0")),
-            &req(Some("5-0"), 5),
-            0,
-        )
-        .unwrap();
-        assert!(!r.gap);
-        let r = decode(
-            &reply(&["9-0"], Some("6-0"), Some("0-0")),
-            &req(Some("5-0"), 5),
-            0,
-        )
-        .unwrap();
-        assert!(!r.gap);
-        // Older Redis does not say: the oldest kept entry decides.
-        let r = decode(&reply(&["9-0"], Some("9-0"), None), &req(Some("5-0"), 5), 0).unwrap();
-        assert!(r.gap);
-        let r = decode(&reply(&["9-0"], Some("4-0"), None), &req(Some("5-0"), 5), 0).unwrap();
-        assert!(!r.gap);
+        // Trimmed past `since` (Redis 7 counts it; older Redis cannot say).
+        assert!(gap(
+            reply(&["9-0"], Some("9-0"), false, Some((300, 12))),
+            "5-0",
+            5,
+            0
+        ));
+        assert!(gap(reply(&["9-0"], Some("9-0"), false, None), "5-0", 5, 0));
+        // A stream made anew soon after `since` (Redis restarted empty):
+        // nothing expired, nothing lost...
+        assert!(!gap(
+            reply(&["70000-0"], Some("70000-0"), false, Some((1, 1))),
+            "10000-0",
+            5,
+            0
+        ));
+        // ...but made anew after the keep time of quiet: expired.
+        assert!(gap(
+            reply(&["90000-0"], Some("90000-0"), false, Some((1, 1))),
+            "10000-0",
+            5,
+            0
+        ));
+        // `since` is no message of this stream and nothing older is kept.
+        assert!(!gap(
+            reply(&["9-0"], Some("4-0"), false, Some((9, 9))),
+            "5-0",
+            5,
+            0
+        ));
         // An empty, expired history: a gap only if `since` is older than
         // the keep time.
-        let empty = reply(&[], None, None);
-        assert!(
-            !decode(&empty, &req(Some("100000-0"), 5), 130_000)
-                .unwrap()
-                .gap
-        );
-        assert!(
-            decode(&empty, &req(Some("100000-0"), 5), 170_000)
-                .unwrap()
-                .gap
-        );
+        let empty = || reply(&[], None, false, None);
+        assert!(!gap(empty(), "100000-0", 5, 130_000));
+        assert!(gap(empty(), "100000-0", 5, 170_000));
     }
 
     #[test]
     fn the_roster_comes_with_its_count() {
         let reply = Value::Array(vec![
             Value::Array(vec![]),
+            Value::Nil,
+            Value::Int(0),
             Value::Nil,
             Value::Nil,
             Value::Array(vec![b(r#"{"user":"a","session":"s"}"#)]),
@@ -418,9 +451,19 @@ mod tests {
         for bad in [
             Value::Nil,
             Value::Array(vec![]),
-            Value::Array(vec![b("x"), Value::Nil, Value::Nil, Value::Nil, Value::Nil]),
+            Value::Array(vec![
+                b("x"),
+                Value::Nil,
+                Value::Nil,
+                Value::Nil,
+                Value::Nil,
+                Value::Nil,
+                Value::Nil,
+            ]),
             Value::Array(vec![
                 Value::Array(vec![b("junk")]),
+                Value::Nil,
+                Value::Nil,
                 Value::Nil,
                 Value::Nil,
                 Value::Nil,
@@ -432,9 +475,13 @@ mod tests {
                 Value::Nil,
                 Value::Nil,
                 Value::Nil,
+                Value::Nil,
+                Value::Nil,
             ]),
             Value::Array(vec![
                 Value::Array(vec![]),
+                Value::Nil,
+                Value::Nil,
                 Value::Nil,
                 Value::Nil,
                 Value::Array(vec![Value::Int(3)]),
