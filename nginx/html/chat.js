@@ -36,7 +36,7 @@
   var MAX_LOG = 1000;              // oldest lines are dropped past this
   var MAX_SEEN = 5000;             // message / presence ids remembered
   var BACKOFF_MIN_MS = 250;
-  var BACKOFF_MAX_MS = 10000;
+  var BACKOFF_MAX_MS = 4000;        // back within 4 s of the server, whatever the outage
   var HEALTHY_MS = 5000;           // a connection this old resets the backoff
   var GOING_AWAY_MAX_MS = 300;     // after a 1001: reconnect within this
   var WELCOME_TIMEOUT_MS = 10000;  // no welcome this long after connecting: retry
