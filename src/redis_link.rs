@@ -141,14 +141,16 @@ pub enum Script {
     Join,
     Leave,
     Renew,
+    Summary,
 }
 
-const SCRIPT_CODE: [&str; 5] = [
+const SCRIPT_CODE: [&str; 6] = [
     history::APPEND_SCRIPT,
     history::FETCH_SCRIPT,
     presence::JOIN_SCRIPT,
     presence::LEAVE_SCRIPT,
     presence::RENEW_SCRIPT,
+    presence::SUMMARY_SCRIPT,
 ];
 
 /// A script run whose reply the caller wants back, with what it needs to

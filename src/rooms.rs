@@ -41,8 +41,6 @@ struct Room {
     /// Presence changes sent to Redis and not yet answered, in order:
     /// (joined, member JSON).
     awaiting: VecDeque<(bool, String)>,
-    /// The room's member count as Redis last reported it.
-    count: usize,
     /// Changes Redis left unannounced (a busy room), for the next summary.
     changes: Changes,
 }
@@ -55,7 +53,6 @@ impl Room {
             was_live: false,
             recovering: None,
             awaiting: VecDeque::new(),
-            count: 0,
             changes: Changes::default(),
         }
     }
@@ -275,8 +272,12 @@ impl Rooms {
                 continue;
             }
             let changes = std::mem::take(&mut room.changes);
-            let event = presence::summary(&room.name, room.count, &changes, time::now_ms());
-            let _ = self.link.publish(channel, &event, NOBODY);
+            let (head, tail) = presence::summary_parts(&room.name, &changes, time::now_ms());
+            let members = presence::members_key(channel);
+            let args: [&[u8]; 3] = [channel.as_bytes(), head.as_bytes(), tail.as_bytes()];
+            // Dropped with a full backlog: Redis is away, and the members
+            // are told so; the count is right again in the next summary.
+            let _ = (self.link).eval(Script::Summary, &[&members], &args, NOBODY, None);
         }
         let members = &self.members;
         self.rooms.retain(|channel, room| {
@@ -390,15 +391,12 @@ impl Rooms {
                 };
                 // `{count, announced}`; 0: left to this worker's summary.
                 if let Some(Value::Array(r)) = reply {
-                    if let [Value::Int(count), Value::Int(announced)] = r.as_slice() {
-                        room.count = usize::try_from(*count).unwrap_or(0);
-                        if *announced == 0 {
-                            room.changes.add(joined, member);
-                        }
+                    if let [_, Value::Int(0)] = r.as_slice() {
+                        room.changes.add(joined, member);
                     }
                 }
             }
-            (Script::Renew | Script::Append, _) => {}
+            (Script::Renew | Script::Append | Script::Summary, _) => {}
         }
     }
 

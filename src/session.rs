@@ -447,7 +447,12 @@ impl Session {
             return (None, early);
         };
         let fetched = match history::decode(reply, &req, time::now_ms()) {
-            Ok(fetched) => Some(fetched),
+            Ok(mut fetched) => {
+                if let Some((members, _)) = &mut fetched.roster {
+                    self.list_self(members, req.members);
+                }
+                Some(fetched)
+            }
             Err(_) => {
                 ngx_log_error!(
                     NGX_LOG_WARN,
@@ -495,6 +500,18 @@ impl Session {
         }
         self.release_held();
         (newest, early)
+    }
+
+    /// A busy room's list is a sample; the joiner is always in it.
+    fn list_self(&self, members: &mut Vec<String>, cap: usize) {
+        let me = presence::member_json(&self.user, &self.sid);
+        if members.contains(&me) {
+            return;
+        }
+        if members.len() >= cap {
+            members.pop();
+        }
+        members.push(me);
     }
 
     /// Tells the client that not everything since `since` reaches it.

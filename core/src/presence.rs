@@ -90,6 +90,14 @@ for channel, r in pairs(busy) do
 end
 return removed";
 
+/// KEYS: members hash. ARGV: channel, summary head (up to `"count":`),
+/// summary tail. Publishes a busy room's summary with the count as it is
+/// now, so that the last summary a member gets has the latest count.
+pub const SUMMARY_SCRIPT: &str = "\
+local n = redis.call('HLEN', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. n .. ARGV[3])
+return n";
+
 /// The hash of a room's members: session id → `member_json`.
 pub fn members_key(channel: &str) -> String {
     format!("{channel}:members")
@@ -152,18 +160,20 @@ impl Changes {
     }
 }
 
-/// A busy room's `presence` summary: the exact count, and some of who
-/// came and went.
-pub fn summary(room: &str, count: usize, changes: &Changes, ts_ms: u64) -> String {
-    let mut out = String::with_capacity(96 + room.len());
-    out.push_str(r#"{"type":"presence","room":"#);
-    crate::envelope::push_json_string(&mut out, room);
-    out.push_str(&format!(r#","count":{count},"joined":["#));
-    out.push_str(&changes.joined.join(","));
-    out.push_str(r#"],"left":["#);
-    out.push_str(&changes.left.join(","));
-    out.push_str(&format!(r#"],"more":{},"ts":{ts_ms}}}"#, changes.more));
-    out
+/// A busy room's `presence` summary, around the count that Redis fills in
+/// (`SUMMARY_SCRIPT`): some of who came and went.
+pub fn summary_parts(room: &str, changes: &Changes, ts_ms: u64) -> (String, String) {
+    let mut head = String::with_capacity(48 + room.len());
+    head.push_str(r#"{"type":"presence","room":"#);
+    crate::envelope::push_json_string(&mut head, room);
+    head.push_str(r#","count":"#);
+    let tail = format!(
+        r#","joined":[{}],"left":[{}],"more":{},"ts":{ts_ms}}}"#,
+        changes.joined.join(","),
+        changes.left.join(","),
+        changes.more
+    );
+    (head, tail)
 }
 
 #[cfg(test)]
