@@ -199,7 +199,8 @@ mod tests {
         c.add(false, member_json("gone", "s"));
         assert_eq!(c.joined.len(), SUMMARY_NAMES);
         assert_eq!(c.more, 3);
-        let s = summary("r", 150, &c, 9);
+        let (head, tail) = summary_parts("r", &c, 9);
+        let s = format!("{head}150{tail}");
         assert!(
             s.starts_with(r#"{"type":"presence","room":"r","count":150,"joined":[{"user":"u0","#)
         );
