@@ -685,7 +685,7 @@ impl Link {
     /// comes as `Event::Replied` with `tag`.
     pub fn fetch(&mut self, channel: &str, req: &Request, tag: Tag) -> Result<(), BacklogFull> {
         let since = req.since.map(|p| p.to_string()).unwrap_or_default();
-        let members = presence::members_key(channel);
+        let (members, seq) = (presence::members_key(channel), presence::seq_key(channel));
         let call = Call {
             script: Script::Fetch,
             tag,
@@ -693,7 +693,7 @@ impl Link {
         };
         self.eval(
             Script::Fetch,
-            &[channel, &members],
+            &[channel, &members, &seq],
             &[
                 since.as_bytes(),
                 req.script_count().to_string().as_bytes(),

@@ -19,7 +19,7 @@ use ngx::ffi::NGX_LOG_WARN;
 use ngx::ngx_log_error;
 
 use crate::redis_link::{Call, Event, Link, Script};
-use crate::session::{close, Admission, Held, Session};
+use crate::session::{close, Admission, Held, Mark, Session};
 use crate::{ids, time};
 
 /// Live messages a recovering room holds at most; past it, recovery is
@@ -124,14 +124,12 @@ impl Rooms {
         if let Some(n) = self.prefixes.get_mut(s.prefix()) {
             *n = n.saturating_sub(1);
         }
-        let id = ids::next_id();
-        let event = envelope::presence(
+        let event = envelope::presence_id_head(
             envelope::Presence::Leave,
             s.room(),
             s.user(),
             s.sid(),
             time::now_ms(),
-            &id,
         );
         let busy = presence::BUSY_ROOM.to_string();
         let args: [&[u8]; 4] = [
@@ -146,16 +144,19 @@ impl Rooms {
     /// Runs a presence script for a member; the reply says whether Redis
     /// announced the change or left it to this worker's next summary.
     fn presence_call(&mut self, s: &Session, script: Script, args: &[&[u8]], joined: bool) {
+        // A join's reply names the member, for its own `join` (see
+        // Session::deliver); a leave's member may be gone by then.
+        let tag = if joined { s.key().to_raw() } else { NOBODY };
         let members = presence::members_key(s.channel());
         let node = presence::node_key(s.prefix(), &ids::node());
+        let seq = presence::seq_key(s.channel());
         let call = Call {
             script,
-            tag: NOBODY,
+            tag,
             channel: s.channel().into(),
         };
-        let sent = self
-            .link
-            .eval(script, &[&members, &node], args, NOBODY, Some(call));
+        let keys = [members.as_str(), node.as_str(), seq.as_str()];
+        let sent = self.link.eval(script, &keys, args, NOBODY, Some(call));
         if sent.is_ok() {
             if let Some(room) = self.rooms.get_mut(s.channel()) {
                 room.awaiting
@@ -171,14 +172,12 @@ impl Rooms {
         let room = presence::room_json(s.room());
         let leave = envelope::presence_head(envelope::Presence::Leave, s.room(), s.user(), s.sid());
         let join = if announce {
-            let id = ids::next_id();
-            envelope::presence(
+            envelope::presence_id_head(
                 envelope::Presence::Join,
                 s.room(),
                 s.user(),
                 s.sid(),
                 time::now_ms(),
-                &id,
             )
         } else {
             String::new()
@@ -273,11 +272,11 @@ impl Rooms {
             }
             let changes = std::mem::take(&mut room.changes);
             let (head, tail) = presence::summary_parts(&room.name, &changes, time::now_ms());
-            let members = presence::members_key(channel);
+            let (members, seq) = (presence::members_key(channel), presence::seq_key(channel));
             let args: [&[u8]; 3] = [channel.as_bytes(), head.as_bytes(), tail.as_bytes()];
             // Dropped with a full backlog: Redis is away, and the members
             // are told so; the count is right again in the next summary.
-            let _ = (self.link).eval(Script::Summary, &[&members], &args, NOBODY, None);
+            let _ = (self.link).eval(Script::Summary, &[&members, &seq], &args, NOBODY, None);
         }
         let members = &self.members;
         self.rooms.retain(|channel, room| {
@@ -382,18 +381,25 @@ impl Rooms {
                 self.publish_early(s, early);
             }
             (Script::Fetch, None) => self.end_recovery(sessions, &call.channel, reply),
-            (Script::Join | Script::Leave, _) => {
+            (Script::Join | Script::Leave, key) => {
                 let Some(room) = self.rooms.get_mut(&*call.channel) else {
                     return;
                 };
                 let Some((joined, member)) = room.awaiting.pop_front() else {
                     return;
                 };
-                // `{count, announced}`; 0: left to this worker's summary.
-                if let Some(Value::Array(r)) = reply {
-                    if let [_, Value::Int(0)] = r.as_slice() {
-                        room.changes.add(joined, member);
+                // `{count, announced[, n]}`; 0: left to this worker's summary.
+                let Some(Value::Array(r)) = reply else {
+                    return;
+                };
+                match r.as_slice() {
+                    [_, Value::Int(0)] => room.changes.add(joined, member),
+                    [_, Value::Int(1), Value::Int(n)] => {
+                        if let Some(s) = key.and_then(|k| sessions.get_mut(k)) {
+                            s.own_join = u64::try_from(*n).ok();
+                        }
                     }
+                    _ => {}
                 }
             }
             (Script::Renew | Script::Append | Script::Summary, _) => {}
@@ -413,6 +419,7 @@ impl Rooms {
         }
         for key in present {
             if let Some(s) = sessions.get_mut(key) {
+                s.forget_presence_cursor();
                 self.register(s, false);
             }
         }
@@ -431,11 +438,11 @@ impl Rooms {
             );
             return;
         };
-        let pos = history::position_of(payload);
+        let mark = Mark::of(payload);
         let frame = frame::text_frame(payload);
         if let Some(room) = self.rooms.get_mut(channel) {
             if let Some((_, held)) = &mut room.recovering {
-                if held.hold(pos, &frame, RECOVERY_HOLD) {
+                if held.hold(mark, &frame, RECOVERY_HOLD) {
                     return;
                 }
                 ngx_log_error!(
@@ -447,22 +454,22 @@ impl Rooms {
                 self.release_recovery(sessions, channel);
             }
         }
-        self.fan_out(sessions, channel, pos, &frame);
+        self.fan_out(sessions, channel, mark, &frame);
     }
 
     fn fan_out(
         &mut self,
         sessions: &mut Slab<Session>,
         channel: &str,
-        pos: Option<Position>,
+        mark: Mark,
         frame: &Rc<[u8]>,
     ) {
         if let Some(room) = self.rooms.get_mut(channel) {
-            room.last = room.last.max(pos);
+            room.last = room.last.max(mark.pos);
         }
         for &key in self.members.members(channel) {
             if let Some(s) = sessions.get_mut(key) {
-                s.deliver(pos, frame);
+                s.deliver(mark, frame);
             }
         }
     }
@@ -513,7 +520,11 @@ impl Rooms {
                 }
                 for (pos, event) in fetched.messages {
                     let frame = frame::text_frame(event.as_bytes());
-                    self.fan_out(sessions, channel, Some(pos), &frame);
+                    let mark = Mark {
+                        pos: Some(pos),
+                        presence: None,
+                    };
+                    self.fan_out(sessions, channel, mark, &frame);
                 }
             }
             Err(_) => {
@@ -533,8 +544,8 @@ impl Rooms {
     fn release_recovery(&mut self, sessions: &mut Slab<Session>, channel: &str) {
         let held = (self.rooms.get_mut(channel)).and_then(|room| room.recovering.take());
         if let Some((_, held)) = held {
-            for (pos, frame) in held.frames {
-                self.fan_out(sessions, channel, pos, &frame);
+            for (mark, frame) in held.frames {
+                self.fan_out(sessions, channel, mark, &frame);
             }
         }
     }

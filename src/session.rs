@@ -97,22 +97,45 @@ pub struct Upgrade {
     pub preread: Vec<u8>,
 }
 
+/// Where an event stands in its room: a message's history position, or a
+/// presence event's count (neither for other events).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Mark {
+    pub pos: Option<Position>,
+    pub presence: Option<u64>,
+}
+
+impl Mark {
+    pub fn of(event: &[u8]) -> Mark {
+        match history::position_of(event) {
+            Some(pos) => Mark {
+                pos: Some(pos),
+                presence: None,
+            },
+            None => Mark {
+                pos: None,
+                presence: presence::seq_of(event),
+            },
+        }
+    }
+}
+
 /// Live frames held back while missed messages are fetched, so that the
 /// older ones go first; bounded like a send queue.
 #[derive(Default)]
 pub struct Held {
-    pub frames: Vec<(Option<Position>, Rc<[u8]>)>,
+    pub frames: Vec<(Mark, Rc<[u8]>)>,
     bytes: usize,
 }
 
 impl Held {
     /// Holds a frame; false once `limit` bytes are held.
-    pub fn hold(&mut self, pos: Option<Position>, frame: &Rc<[u8]>, limit: usize) -> bool {
+    pub fn hold(&mut self, mark: Mark, frame: &Rc<[u8]>, limit: usize) -> bool {
         if self.bytes + frame.len() > limit {
             return false;
         }
         self.bytes += frame.len();
-        self.frames.push((pos, frame.clone()));
+        self.frames.push((mark, frame.clone()));
         true
     }
 }
@@ -146,6 +169,11 @@ pub struct Session {
     /// The newest message this client has been sent: anything at or before
     /// it is a duplicate.
     cursor: Option<Position>,
+    /// The presence counter its member list reflects: presence events up to
+    /// it are in the list already; but the member's own `join` is sent as
+    /// promised.
+    presence_cursor: u64,
+    pub own_join: Option<u64>,
     /// Set while this member's history is being fetched.
     /// Boxed: idle sessions, the many, need only the pointer.
     fetching: Option<Box<(Request, Held)>>,
@@ -243,6 +271,8 @@ impl Session {
             since: since_pos,
             bad_since: since.is_some() && since_pos.is_none(),
             cursor: None,
+            presence_cursor: 0,
+            own_join: None,
             fetching: None,
             closing: false,
             linger_wanted: false,
@@ -349,23 +379,34 @@ impl Session {
     /// Queues a frame shared with the rest of the room, unless the client
     /// has had its message already (the seam between history and live) or
     /// must first get its history.
-    pub fn deliver(&mut self, pos: Option<Position>, frame: &Rc<[u8]>) {
+    pub fn deliver(&mut self, mark: Mark, frame: &Rc<[u8]>) {
         if let Some(fetch) = &mut self.fetching {
             let held = &mut fetch.1;
             let limit = self.conf.send_limit();
-            if !held.hold(pos, frame, limit.soft + limit.burst) {
+            if !held.hold(mark, frame, limit.soft + limit.burst) {
                 self.pending_close = Some((close::POLICY, close::SLOW_CONSUMER));
                 self.wake_writer();
             }
             return;
         }
-        if pos.is_some() {
-            if pos <= self.cursor {
+        if mark.pos.is_some() {
+            if mark.pos <= self.cursor {
                 return;
             }
-            self.cursor = pos;
+            self.cursor = mark.pos;
+        }
+        if let Some(n) = mark.presence {
+            if n <= self.presence_cursor && Some(n) != self.own_join {
+                return;
+            }
+            self.presence_cursor = self.presence_cursor.max(n);
         }
         self.send(frame.clone());
+    }
+
+    /// Redis may have started over (an outage): its presence counter too.
+    pub fn forget_presence_cursor(&mut self) {
+        self.presence_cursor = 0;
     }
 
     /// Publishes a message event given up to its id: stored in the room's
@@ -450,6 +491,7 @@ impl Session {
             Ok(mut fetched) => {
                 if let Some((members, _)) = &mut fetched.roster {
                     self.list_self(members, req.members);
+                    self.presence_cursor = fetched.presence_seq;
                 }
                 Some(fetched)
             }
@@ -528,8 +570,8 @@ impl Session {
     fn release_held(&mut self) {
         if let Some(fetch) = self.fetching.take() {
             let (_, held) = *fetch;
-            for (pos, frame) in held.frames {
-                self.deliver(pos, &frame);
+            for (mark, frame) in held.frames {
+                self.deliver(mark, &frame);
             }
         }
     }

@@ -88,6 +88,21 @@ pub fn presence_head(kind: Presence, room: &str, user: &str, session: &str) -> S
     out
 }
 
+/// A `join` or `leave` event up to and including `"id":"`, for an id that
+/// Redis assigns as it publishes (the room's presence counter).
+pub fn presence_id_head(
+    kind: Presence,
+    room: &str,
+    user: &str,
+    session: &str,
+    ts_ms: u64,
+) -> String {
+    let mut out = presence_head(kind, room, user, session);
+    push_u64(&mut out, ts_ms);
+    out.push_str(r#","id":""#);
+    out
+}
+
 pub fn presence(
     kind: Presence,
     room: &str,

@@ -50,8 +50,8 @@ return id";
 /// oldest entry id kept; whether ARGV[1] itself is still kept (1/0); how
 /// many entries the stream ever had and has now (Redis 7+, else false),
 /// which tells a trimmed stream from one made anew; and, unless ARGV[3] is
-/// 0, up to ARGV[3] members of the room's members hash KEYS[2] and their
-/// count.
+/// 0, up to ARGV[3] members of the room's members hash KEYS[2], their
+/// count, and the room's presence counter KEYS[3].
 pub const FETCH_SCRIPT: &str = "\
 local entries, oldest, kept, added, length = {}, false, 0, false, false
 if ARGV[2] ~= '0' then
@@ -71,10 +71,11 @@ if ARGV[2] ~= '0' then
     end
   end
 end
-local members, count = false, false
+local members, count, seq = false, false, false
 local cap = tonumber(ARGV[3])
 if cap > 0 then
   count = redis.call('HLEN', KEYS[2])
+  seq = tonumber(redis.call('GET', KEYS[3]) or '0')
   members = {}
   local cursor = '0'
   repeat
@@ -85,7 +86,7 @@ if cap > 0 then
     end
   until cursor == '0' or #members >= cap
 end
-return {entries, oldest, kept, added, length, members, count}";
+return {entries, oldest, kept, added, length, members, count, seq}";
 
 /// The position in a message event: its last field, `"id":"<ms>-<seq>"`.
 /// Other events (presence, notices) have none.
@@ -106,6 +107,8 @@ pub struct Fetched {
     pub gap: bool,
     /// Some of the room's members (JSON objects) and how many there are.
     pub roster: Option<(Vec<String>, usize)>,
+    /// The presence counter the roster reflects (see `presence`).
+    pub presence_seq: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -173,9 +176,14 @@ pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadR
     let Value::Array(parts) = reply else {
         return Err(BadReply);
     };
-    let [Value::Array(entries), oldest, kept, added, length, members, count] = parts.as_slice()
+    let [Value::Array(entries), oldest, kept, added, length, members, count, seq] =
+        parts.as_slice()
     else {
         return Err(BadReply);
+    };
+    let presence_seq = match seq {
+        Value::Int(n) => u64::try_from(*n).map_err(|_| BadReply)?,
+        _ => 0,
     };
     let mut messages = Vec::with_capacity(entries.len());
     for e in entries.iter().rev() {
@@ -200,6 +208,7 @@ pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadR
             messages,
             gap: false,
             roster,
+            presence_seq,
         });
     };
     let mut gap = messages.len() > req.count;
@@ -232,6 +241,7 @@ pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadR
         messages,
         gap,
         roster,
+        presence_seq,
     })
 }
 
@@ -293,6 +303,7 @@ mod tests {
             Value::Int(i64::from(kept)),
             added,
             length,
+            Value::Nil,
             Value::Nil,
             Value::Nil,
         ])
@@ -437,6 +448,7 @@ mod tests {
             Value::Nil,
             Value::Array(vec![b(r#"{"user":"a","session":"s"}"#)]),
             Value::Int(7),
+            Value::Int(12),
         ]);
         let got = decode(&reply, &req(None, 0), 0).unwrap();
         assert_eq!(

@@ -5,6 +5,12 @@
 //! worker notices first, and its members leave with `leave` events. Nothing
 //! depends on a dying process saying goodbye.
 //!
+//! Every presence event's id is `p<n>`, from a per-room counter
+//! (`<channel>:presence`) that Redis increments as it publishes the event;
+//! a member's welcome says which `n` its member list reflects, so that a
+//! `join` or `leave` the list already shows is dropped, whichever Redis
+//! connection brings it first.
+//!
 //! Big rooms must not cost O(N²): past `BUSY_ROOM` members, joins and
 //! leaves are no longer announced one by one but summed up in at most one
 //! `presence` event per worker per tick.
@@ -21,30 +27,36 @@ pub const RENEW_MS: u64 = 5_000;
 /// Dead nodes one sweep handles at most; the next renewal takes the rest.
 pub const SWEEP_NODES: usize = 8;
 
-/// KEYS: members hash, node hash. ARGV: session id, member JSON, channel,
-/// room JSON, leave-event head (up to `"ts":`), join event (empty: a
-/// silent re-registration), BUSY_ROOM. Returns `{count, announced}`,
-/// announced being 1, 0 (left to a summary) or -1 (silent).
+/// KEYS: members hash, node hash, presence counter. ARGV: session id,
+/// member JSON, channel, room JSON, leave-event head (up to `"ts":`), join
+/// event head (up to `"id":"`; empty: a silent re-registration),
+/// BUSY_ROOM. Returns `{count, announced, n}`, announced being 1 (as
+/// `p<n>`), 0 (left to a summary) or -1 (silent).
 pub const JOIN_SCRIPT: &str = "\
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3] .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[5])
 local n = redis.call('HLEN', KEYS[1])
 if ARGV[6] == '' then return {n, -1} end
 if n <= tonumber(ARGV[7]) then
-  redis.call('PUBLISH', ARGV[3], ARGV[6])
-  return {n, 1}
+  local seq = redis.call('INCR', KEYS[3])
+  redis.call('PUBLISH', ARGV[3], ARGV[6] .. 'p' .. seq .. '\"}')
+  return {n, 1, seq}
 end
 return {n, 0}";
 
-/// KEYS: members hash, node hash. ARGV: session id, channel, leave event,
-/// BUSY_ROOM. Returns `{count, announced}`; a member already swept is not
-/// announced twice.
+/// KEYS: members hash, node hash, presence counter. ARGV: session id,
+/// channel, leave event head (up to `"id":"`), BUSY_ROOM. Returns
+/// `{count, announced}`; a member already swept is not announced twice.
 pub const LEAVE_SCRIPT: &str = "\
 local removed = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 local n = redis.call('HLEN', KEYS[1])
+if n == 0 then
+  redis.call('DEL', KEYS[3])
+  return {0, -1}
+end
 if removed == 1 and n < tonumber(ARGV[4]) then
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  redis.call('PUBLISH', ARGV[2], ARGV[3] .. 'p' .. redis.call('INCR', KEYS[3]) .. '\"}')
   return {n, 1}
 end
 return {n, removed == 1 and 0 or -1}";
@@ -74,8 +86,11 @@ for _, node in ipairs(dead) do
       if redis.call('HDEL', channel .. ':members', sessions[i]) == 1 then
         removed = removed + 1
         local n = redis.call('HLEN', channel .. ':members')
-        if n < tonumber(ARGV[5]) then
-          redis.call('PUBLISH', channel, string.sub(v, b + 1) .. now .. ',\"id\":\"swept-' .. node .. '-' .. i .. '\"}')
+        if n == 0 then
+          redis.call('DEL', channel .. ':presence')
+        elseif n < tonumber(ARGV[5]) then
+          local seq = redis.call('INCR', channel .. ':presence')
+          redis.call('PUBLISH', channel, string.sub(v, b + 1) .. now .. ',\"id\":\"p' .. seq .. '\"}')
         else
           busy[channel] = {room, (busy[channel] and busy[channel][2] or 0) + 1}
         end
@@ -86,21 +101,39 @@ for _, node in ipairs(dead) do
 end
 for channel, r in pairs(busy) do
   local n = redis.call('HLEN', channel .. ':members')
-  redis.call('PUBLISH', channel, '{\"type\":\"presence\",\"room\":' .. r[1] .. ',\"count\":' .. n .. ',\"joined\":[],\"left\":[],\"gone\":' .. r[2] .. ',\"ts\":' .. now .. '}')
+  redis.call('PUBLISH', channel, '{\"type\":\"presence\",\"room\":' .. r[1] .. ',\"count\":' .. n .. ',\"joined\":[],\"left\":[],\"gone\":' .. r[2] .. ',\"ts\":' .. now .. ',\"id\":\"p' .. redis.call('INCR', channel .. ':presence') .. '\"}')
 end
 return removed";
 
-/// KEYS: members hash. ARGV: channel, summary head (up to `"count":`),
-/// summary tail. Publishes a busy room's summary with the count as it is
-/// now, so that the last summary a member gets has the latest count.
+/// KEYS: members hash, presence counter. ARGV: channel, summary head (up
+/// to `"count":`), summary tail (up to `"id":"`). Publishes a busy room's
+/// summary with the count as it is now, so that the last summary a member
+/// gets has the latest count.
 pub const SUMMARY_SCRIPT: &str = "\
 local n = redis.call('HLEN', KEYS[1])
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. n .. ARGV[3])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. n .. ARGV[3] .. 'p' .. redis.call('INCR', KEYS[2]) .. '\"}')
 return n";
 
 /// The hash of a room's members: session id → `member_json`.
 pub fn members_key(channel: &str) -> String {
     format!("{channel}:members")
+}
+
+/// The room's presence counter: the `n` of the last `p<n>` event id.
+pub fn seq_key(channel: &str) -> String {
+    format!("{channel}:presence")
+}
+
+/// The `n` of a presence event's id (`"id":"p<n>"`, its last field).
+pub fn seq_of(event: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = br#""id":"p"#;
+    let body = event.strip_suffix(br#""}"#)?;
+    let start = body.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
+    let digits = &body[start..];
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// The hash of the sessions one node holds, for sweeping them if it dies.
@@ -168,7 +201,7 @@ pub fn summary_parts(room: &str, changes: &Changes, ts_ms: u64) -> (String, Stri
     crate::envelope::push_json_string(&mut head, room);
     head.push_str(r#","count":"#);
     let tail = format!(
-        r#","joined":[{}],"left":[{}],"more":{},"ts":{ts_ms}}}"#,
+        r#","joined":[{}],"left":[{}],"more":{},"ts":{ts_ms},"id":""#,
         changes.joined.join(","),
         changes.left.join(","),
         changes.more
@@ -200,10 +233,19 @@ mod tests {
         assert_eq!(c.joined.len(), SUMMARY_NAMES);
         assert_eq!(c.more, 3);
         let (head, tail) = summary_parts("r", &c, 9);
-        let s = format!("{head}150{tail}");
+        let s = format!("{head}150{tail}p4\"}}");
         assert!(
             s.starts_with(r#"{"type":"presence","room":"r","count":150,"joined":[{"user":"u0","#)
         );
-        assert!(s.ends_with(r#""left":[{"user":"gone","session":"s"}],"more":3,"ts":9}"#));
+        assert!(s.ends_with(r#""left":[{"user":"gone","session":"s"}],"more":3,"ts":9,"id":"p4"}"#));
+        assert_eq!(seq_of(s.as_bytes()), Some(4));
+    }
+
+    #[test]
+    fn presence_ids_are_counted_and_others_are_not() {
+        assert_eq!(seq_of(br#"{"type":"join","ts":1,"id":"p17"}"#), Some(17));
+        assert_eq!(seq_of(br#"{"type":"message","ts":1,"id":"17-0"}"#), None);
+        assert_eq!(seq_of(br#"{"type":"join","id":"p"}"#), None);
+        assert_eq!(seq_of(br#"{"type":"join","id":"p1x"}"#), None);
     }
 }
