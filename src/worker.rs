@@ -243,31 +243,34 @@ fn session_event(work: impl FnOnce(&mut Worker) -> Option<Finish>) {
     }
 }
 
-/// The read handler of a session's connection; `HOLDS_REQUEST` says where
-/// it finds the session's key (see `session::key_of_connection`).
-unsafe extern "C" fn session_read<const HOLDS_REQUEST: bool>(ev: *mut ngx_event_t) {
-    // SAFETY: nginx calls this for a connection a session attached to; the
-    // event is live for the duration of the handler.
-    let (key, timedout) = unsafe {
+/// The session key behind a client connection's event, and whether the
+/// event timed out (the flag is cleared).
+///
+/// # Safety
+/// `ev` must be a live event of a connection a session attached to, and
+/// `holds_request` say where its key is (see `session::key_of_connection`).
+unsafe fn session_event_of(ev: *mut ngx_event_t, holds_request: bool) -> (Option<Key>, bool) {
+    // SAFETY: as the caller promises.
+    unsafe {
         let c = (*ev).data.cast::<ngx_connection_t>();
         let timedout = (*ev).timedout() != 0;
         (*ev).set_timedout(0);
-        (session::key_of_connection(c, HOLDS_REQUEST), timedout)
-    };
-    if let Some(key) = key {
+        (session::key_of_connection(c, holds_request), timedout)
+    }
+}
+
+/// The read handler of a session's connection; `HOLDS_REQUEST` says where
+/// it finds the session's key.
+unsafe extern "C" fn session_read<const HOLDS_REQUEST: bool>(ev: *mut ngx_event_t) {
+    // SAFETY: nginx calls this for a connection a session attached to.
+    if let (Some(key), timedout) = unsafe { session_event_of(ev, HOLDS_REQUEST) } {
         session_event(|w| w.session_read(key, timedout));
     }
 }
 
 unsafe extern "C" fn session_write<const HOLDS_REQUEST: bool>(ev: *mut ngx_event_t) {
     // SAFETY: as in session_read.
-    let (key, timedout) = unsafe {
-        let c = (*ev).data.cast::<ngx_connection_t>();
-        let timedout = (*ev).timedout() != 0;
-        (*ev).set_timedout(0);
-        (session::key_of_connection(c, HOLDS_REQUEST), timedout)
-    };
-    if let Some(key) = key {
+    if let (Some(key), timedout) = unsafe { session_event_of(ev, HOLDS_REQUEST) } {
         session_event(|w| w.session_write(key, timedout, HOLDS_REQUEST));
     }
 }

@@ -26,32 +26,10 @@ use POSIX qw(WNOHANG);
 use Time::HiRes qw(time);
 use ChatTest;
 use WSClient;
+use ChatIds;
 use ChatFault;
 
 # ---------------------------------------------------------------- helpers
-
-sub is_pos { defined $_[0] && !ref $_[0] && $_[0] =~ /^\d+-\d+$/ }
-
-# Compare two stream ids <ms>-<seq>: ms first, then seq.
-sub cmp_id {
-    my ($a, $b) = @_;
-    my ($am, $as) = split /-/, $a;
-    my ($bm, $bs) = split /-/, $b;
-    return $am <=> $bm || $as <=> $bs;
-}
-
-# Index of the first id that is not greater than the one before, or -1.
-sub first_not_increasing {
-    my @ids = @_;
-    for my $i (1 .. $#ids) {
-        return $i unless is_pos($ids[$i]) && is_pos($ids[$i - 1]) && cmp_id($ids[$i - 1], $ids[$i]) < 0;
-    }
-    return -1;
-}
-
-sub type_of { $_[0] && ($_[0]{type} // '') }
-
-sub live_messages { grep { type_of($_) eq 'message' } $_[0]->events }
 
 sub history_events { grep { type_of($_) eq 'history' } $_[0]->events }
 

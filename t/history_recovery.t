@@ -33,6 +33,7 @@ use POSIX qw(WNOHANG);
 use Time::HiRes qw(time);
 use ChatTest;
 use WSClient;
+use ChatIds;
 use ChatFault;
 
 my $ROOM = 'rec';
@@ -40,27 +41,6 @@ my $PER_WORKER = 2;      # members per worker that send during an outage
 my $MAX_CLIENTS = 48;    # bound on the connections opened
 my $MAX_SECONDS = 20;    # bound on the time spent connecting
 my $OUTAGE_MSGS = 3;     # messages each of those sends during an outage
-
-sub is_pos { defined $_[0] && !ref $_[0] && $_[0] =~ /^\d+-\d+$/ }
-
-sub cmp_id {
-    my ($a, $b) = @_;
-    my ($am, $as) = split /-/, $a;
-    my ($bm, $bs) = split /-/, $b;
-    return $am <=> $bm || $as <=> $bs;
-}
-
-sub first_not_increasing {
-    my @ids = @_;
-    for my $i (1 .. $#ids) {
-        return $i unless is_pos($ids[$i]) && is_pos($ids[$i - 1]) && cmp_id($ids[$i - 1], $ids[$i]) < 0;
-    }
-    return -1;
-}
-
-sub type_of { $_[0] && ($_[0]{type} // '') }
-
-sub live_messages { grep { type_of($_) eq 'message' } $_[0]->events }
 
 sub has_text {
     my ($c, $text) = @_;

@@ -23,21 +23,9 @@ use Test::More;
 use Time::HiRes qw(time);
 use ChatTest;
 use WSClient;
+use ChatIds;
 
 # ---------------------------------------------------------------- helpers
-
-sub is_pos { defined $_[0] && !ref $_[0] && $_[0] =~ /^\d+-\d+$/ }
-
-sub cmp_id {
-    my ($a, $b) = @_;
-    my ($am, $as) = split /-/, $a;
-    my ($bm, $bs) = split /-/, $b;
-    return $am <=> $bm || $as <=> $bs;
-}
-
-sub type_of { $_[0] && ($_[0]{type} // '') }
-
-sub live_messages { grep { type_of($_) eq 'message' } $_[0]->events }
 
 sub wait_text {
     my ($c, $text, $timeout) = @_;
