@@ -218,7 +218,7 @@ impl LocConf {
     }
 
     pub fn access_log(&self) -> LogAt {
-        self.access_log.unwrap_or(LogAt::Close)
+        self.access_log.unwrap_or(LogAt::Upgrade)
     }
 
     pub fn origins(&self) -> &Origins {

@@ -1,6 +1,6 @@
 # websocket_chat_access_log: when nginx writes a session's access-log line.
-# close (the default): when the session ends, with every byte sent;
-# upgrade: right after the 101, when the HTTP request is freed and the
+# close: when the session ends, with every byte sent;
+# upgrade (the default): right after the 101, when the HTTP request is freed and the
 # session goes on without it (messages, a large handshake's buffers,
 # heartbeats, protocol errors, the close handshake, graceful shutdown).
 # The memory that frees is checked against the same clients kept at close.
@@ -14,13 +14,15 @@ use WSClient;
 
 my $redis = start_redis();
 
+# $mode undef: the directive is left out (the default).
 sub start {
     my ($mode, %o) = @_;
+    my $directive = defined $mode ? "websocket_chat_access_log $mode;" : '';
     return start_nginx(chat_config(
         http => "log_format wsc '\$request_uri \$status \$bytes_sent';\n"
               . "    websocket_chat_ping_interval 1s;\n    websocket_chat_idle_timeout 3s;",
         location => "access_log %%PREFIX%%/logs/sessions.log wsc;\n"
-                  . "            websocket_chat_access_log $mode;",
+                  . "            $directive",
         worker_connections => 4096,
         %o,
     ), redis => $redis);
@@ -47,6 +49,22 @@ my $big = 'z' x 2000;
     my $line = session_line($nginx, 'c1');
     is($line && $line->{status}, 101, 'close: status 101');
     cmp_ok($line ? $line->{bytes} : 0, '>', length $big, 'close: bytes sent count the frames');
+    $nginx->stop;
+}
+
+# --- the default is upgrade: the line comes while the session is open
+{
+    my $nginx = start(undef);
+    my $a = WSClient->join(port => $nginx->port, room => 'd', nick => 'd1');
+    ok(wait_until(sub { session_line($nginx, 'd1') }, 5),
+       'default: the line is written while the session is open (upgrade)');
+    my $line = session_line($nginx, 'd1');
+    cmp_ok($line ? $line->{bytes} : 1e9, '<', 1000, 'default: bytes sent are the 101 header');
+    $a->send_text('still here');
+    ok($a->wait_for(sub { $_[0]{type} eq 'message' && $_[0]{text} eq 'still here' }, 5),
+       'default: the session chats on without its request');
+    $a->send_close(1000);
+    ok($a->recv_close(5), 'default: close handshake');
     $nginx->stop;
 }
 
