@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
 
     let (json, want): (String, Vec<(&str, Value)>) = match which % 7 {
         0 => (
-            envelope::welcome(room, user, session, ts),
+            envelope::welcome(room, user, session, None, ts),
             vec![
                 ("type", s("welcome")),
                 ("room", s(room)),
