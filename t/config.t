@@ -27,19 +27,6 @@ $loc
 EOT
 }
 
-# Line number (1-based) of the $nth line containing $needle in $file.
-sub line_of {
-    my ($file, $needle, $nth) = @_;
-    $nth //= 1;
-    open my $fh, '<', $file or return 0;
-    my $i = 0;
-    while (my $l = <$fh>) {
-        $i++;
-        return $i if index($l, $needle) >= 0 && --$nth == 0;
-    }
-    return 0;
-}
-
 sub fails {
     my ($name, $conf, $needle, $nth, $mention) = @_;
     my ($code, $out, $path) = test_config($conf);

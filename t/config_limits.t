@@ -32,26 +32,12 @@ $loc
 EOT
 }
 
-# 1-based number of the line of $file that contains $needle ($nth match).
-sub line_no {
-    my ($file, $needle, $nth) = @_;
-    $nth //= 1;
-    open my $fh, '<', $file or return 0;
-    my $n = 0;
-    while (defined(my $l = <$fh>)) {
-        $n++;
-        next unless index($l, $needle) >= 0;
-        return $n if --$nth == 0;
-    }
-    return 0;
-}
-
 # nginx -t must fail, naming the file and the line holding $needle.
 sub rejects {
     my ($name, $conf, $needle, $nth) = @_;
     my ($code, $out, $path) = test_config($conf);
     isnt($code, 0, "$name: nginx -t fails");
-    my $line = line_no($path, $needle, $nth);
+    my $line = line_of($path, $needle, $nth);
     ok($line, "$name: (test) offending line found in the written config");
     like($out, qr/\Q$path\E:$line\b/, "$name: message names $path:$line") or diag($out);
     unlike($out, qr/unknown directive/, "$name: the directive itself is known") or diag($out);

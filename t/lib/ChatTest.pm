@@ -62,6 +62,8 @@ package ChatTest;
 #   Allowed lines are reported with note(). An unexpected [error] line fails
 #   the test: it is either a bug or a line the test must declare.
 # * proc_rss_kb($pid): VmRSS of a process in kB.
+# * line_of($file, $needle, $nth): the line number of the $nth line holding
+#   $needle, for checking that nginx -t names the right line.
 # * start_redis(port => P, requirepass => PW, args => [...]) objects: port,
 #   cmd(@args) (dies on error replies; cmd_raw returns them as objects),
 #   client_list (CLIENT LIST parsed, own connection excluded), numsub($room)
@@ -93,7 +95,7 @@ require Exporter;
 our @ISA = ('Exporter');
 our @EXPORT = qw(free_port start_redis start_nginx test_config done_all
                  wait_until nginx_binary module_path repo_root chat_config
-                 now_ms start_nginx_ok proc_rss_kb);
+                 now_ms start_nginx_ok proc_rss_kb line_of);
 
 my $REPO;
 BEGIN {
@@ -168,6 +170,20 @@ sub wait_until {
 }
 
 sub now_ms { int(time * 1000) }
+
+# Line number (1-based) of the $nth line ($nth defaults to 1) holding
+# $needle in $file, or 0: where nginx -t should say the error is.
+sub line_of {
+    my ($file, $needle, $nth) = @_;
+    $nth //= 1;
+    open my $fh, '<', $file or return 0;
+    my $i = 0;
+    while (defined(my $l = <$fh>)) {
+        $i++;
+        return $i if index($l, $needle) >= 0 && --$nth == 0;
+    }
+    return 0;
+}
 
 # Resident set size of a process in kB (VmRSS in /proc/<pid>/status), or
 # undef when it cannot be read.
