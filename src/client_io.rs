@@ -106,7 +106,7 @@ impl Read for ClientIo {
 impl Write for ClientIo {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.queue
-            .push(Rc::from(buf), crate::time::now_ms())
+            .push(Rc::from(buf), crate::time::now_ms)
             .map_err(|_| io::Error::other(SlowConsumer))?;
         Ok(buf.len())
     }

@@ -241,7 +241,7 @@ impl Conn {
     }
 
     fn queue_command(&mut self, cmd: Rc<[u8]>, pending: Pending) -> Result<(), BacklogFull> {
-        self.peer.queue.push(cmd, 0).map_err(|_| BacklogFull)?;
+        self.peer.queue.push(cmd, || 0).map_err(|_| BacklogFull)?;
         self.pending.push_back(pending);
         self.peer.schedule_flush();
         Ok(())

@@ -604,7 +604,7 @@ impl Session {
         if self.closing {
             return;
         }
-        if self.ws.get_mut().queue.push(frame, time::now_ms()).is_err() {
+        if self.ws.get_mut().queue.push(frame, time::now_ms).is_err() {
             self.pending_close = Some((close::POLICY, close::SLOW_CONSUMER));
         }
         self.wake_writer();

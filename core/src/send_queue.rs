@@ -56,14 +56,15 @@ impl SendQueue {
         }
     }
 
-    /// Queues a chunk unless that would pass the limit; `now_ms` times how
-    /// long the queue has been over its soft limit.
-    pub fn push(&mut self, data: Rc<[u8]>, now_ms: u64) -> Result<(), Full> {
+    /// Queues a chunk unless that would pass the limit; `now_ms` (asked only
+    /// past the soft limit) times how long the queue has been over it.
+    pub fn push(&mut self, data: Rc<[u8]>, now_ms: impl FnOnce() -> u64) -> Result<(), Full> {
         let after = self.bytes + data.len();
         if after > self.limit.soft {
             if after > self.limit.soft + self.limit.burst {
                 return Err(Full);
             }
+            let now_ms = now_ms();
             let since = *self.over_since.get_or_insert(now_ms);
             if now_ms.saturating_sub(since) > self.limit.grace_ms {
                 return Err(Full);
@@ -200,9 +201,9 @@ mod tests {
     #[test]
     fn push_respects_the_limit_but_the_bypasses_do_not() {
         let mut q = SendQueue::new(Limit::strict(10));
-        assert_eq!(q.push(chunk("12345"), 0), Ok(()));
-        assert_eq!(q.push(chunk("123456"), 0), Err(Full));
-        assert_eq!(q.push(chunk("12345"), 0), Ok(()));
+        assert_eq!(q.push(chunk("12345"), || 0), Ok(()));
+        assert_eq!(q.push(chunk("123456"), || 0), Err(Full));
+        assert_eq!(q.push(chunk("12345"), || 0), Ok(()));
         q.push_unbounded(chunk("close"));
         q.push_front(chunk("auth"));
         assert_eq!(pending(&q), ["auth", "12345", "12345", "close"]);
@@ -213,7 +214,7 @@ mod tests {
     fn advance_pops_whole_chunks_and_remembers_a_partial_one() {
         let mut q = SendQueue::new(Limit::strict(100));
         for s in ["abc", "defg", "hi"] {
-            q.push(chunk(s), 0).unwrap();
+            q.push(chunk(s), || 0).unwrap();
         }
         assert_eq!(q.advance(5), 1);
         assert_eq!(pending(&q), ["fg", "hi"]);
@@ -221,14 +222,14 @@ mod tests {
         assert_eq!(q.advance(4), 2);
         assert!(q.is_empty());
         // Room is freed as bytes leave.
-        assert_eq!(q.push(chunk(&"x".repeat(100)), 0), Ok(()));
+        assert_eq!(q.push(chunk(&"x".repeat(100)), || 0), Ok(()));
     }
 
     #[test]
     fn pending_is_limited_to_n_chunks() {
         let mut q = SendQueue::new(Limit::strict(100));
         for s in ["a", "b", "c"] {
-            q.push(chunk(s), 0).unwrap();
+            q.push(chunk(s), || 0).unwrap();
         }
         assert_eq!(q.pending(2).count(), 2);
     }
@@ -237,7 +238,7 @@ mod tests {
     fn a_partly_sent_chunk_survives_truncation_and_nothing_else_does() {
         let mut q = SendQueue::new(Limit::strict(100));
         for s in ["abcd", "efg"] {
-            q.push(chunk(s), 0).unwrap();
+            q.push(chunk(s), || 0).unwrap();
         }
         q.advance(1);
         q.truncate_to_partial();
@@ -246,7 +247,7 @@ mod tests {
         assert!(q.is_empty());
         assert!(!q.drop_partial_front());
         // Nothing part-way out: truncation empties the queue.
-        q.push(chunk("xyz"), 0).unwrap();
+        q.push(chunk("xyz"), || 0).unwrap();
         q.truncate_to_partial();
         assert!(q.is_empty());
     }
@@ -259,34 +260,34 @@ mod tests {
             grace_ms: 100,
         };
         let mut q = SendQueue::new(limit);
-        assert_eq!(q.push(chunk("0123456789"), 1000), Ok(()));
+        assert_eq!(q.push(chunk("0123456789"), || 1000), Ok(()));
         // Over soft from t=1000: allowed within the grace time...
-        assert_eq!(q.push(chunk("0123456789"), 1000), Ok(()));
-        assert_eq!(q.push(chunk("0123456789"), 1100), Ok(()));
+        assert_eq!(q.push(chunk("0123456789"), || 1000), Ok(()));
+        assert_eq!(q.push(chunk("0123456789"), || 1100), Ok(()));
         // ...but never past soft + burst...
-        assert_eq!(q.push(chunk("x"), 1100), Err(Full));
+        assert_eq!(q.push(chunk("x"), || 1100), Err(Full));
         // ...and not after the grace time while it stays over.
         q.advance(10);
-        assert_eq!(q.push(chunk("x"), 1101), Err(Full));
+        assert_eq!(q.push(chunk("x"), || 1101), Err(Full));
         // Back under soft: the clock starts over.
         q.advance(11);
         assert_eq!(q.bytes(), 9);
-        assert_eq!(q.push(chunk("0123456789"), 5000), Ok(()));
-        assert_eq!(q.push(chunk("x"), 5100), Ok(()));
+        assert_eq!(q.push(chunk("0123456789"), || 5000), Ok(()));
+        assert_eq!(q.push(chunk("x"), || 5100), Ok(()));
     }
 
     #[test]
     fn a_strict_limit_has_no_burst() {
         let mut q = SendQueue::new(Limit::strict(4));
-        assert_eq!(q.push(chunk("abcd"), 0), Ok(()));
-        assert_eq!(q.push(chunk("e"), 0), Err(Full));
+        assert_eq!(q.push(chunk("abcd"), || 0), Ok(()));
+        assert_eq!(q.push(chunk("e"), || 0), Err(Full));
     }
 
     #[test]
     fn the_setup_chunk_is_recognised_at_the_front_only() {
         let mut q = SendQueue::new(Limit::strict(100));
         let setup = chunk("AUTH");
-        q.push(chunk("PUBLISH"), 0).unwrap();
+        q.push(chunk("PUBLISH"), || 0).unwrap();
         q.push_front(setup.clone());
         assert!(q.front_is(&setup));
         assert!(!q.front_is(&chunk("AUTH")), "same bytes, another chunk");
