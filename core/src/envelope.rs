@@ -103,22 +103,6 @@ pub fn presence_id_head(
     out
 }
 
-pub fn presence(
-    kind: Presence,
-    room: &str,
-    user: &str,
-    session: &str,
-    ts_ms: u64,
-    id: &str,
-) -> String {
-    let mut out = presence_head(kind, room, user, session);
-    push_u64(&mut out, ts_ms);
-    out.push_str(r#","id":"#);
-    push_string(&mut out, id);
-    out.push('}');
-    out
-}
-
 /// `history`: message events (already JSON), oldest first.
 pub fn history<'a>(room: &str, ts_ms: u64, messages: impl Iterator<Item = &'a str>) -> String {
     let mut out = String::with_capacity(64 + room.len() + SLACK);
@@ -388,13 +372,14 @@ mod tests {
 
     #[test]
     fn presence_shapes() {
+        // Redis appends the id (`p<n>`) and the tail when it publishes.
         assert_eq!(
-            presence(Presence::Join, "lobby", "ann", "s-1", 7, "x-1"),
-            r#"{"type":"join","room":"lobby","user":"ann","session":"s-1","ts":7,"id":"x-1"}"#
+            presence_id_head(Presence::Join, "lobby", "ann", "s-1", 7) + "p1" + ID_TAIL,
+            r#"{"type":"join","room":"lobby","user":"ann","session":"s-1","ts":7,"id":"p1"}"#
         );
         assert_eq!(
-            presence(Presence::Leave, "lobby", "ann", "s-1", 8, "x-2"),
-            r#"{"type":"leave","room":"lobby","user":"ann","session":"s-1","ts":8,"id":"x-2"}"#
+            presence_head(Presence::Leave, "lobby", "ann", "s-1") + "8" + r#","id":"p2"}"#,
+            r#"{"type":"leave","room":"lobby","user":"ann","session":"s-1","ts":8,"id":"p2"}"#
         );
     }
 

@@ -73,8 +73,10 @@ fuzz_target!(|data: &[u8]| {
             } else {
                 (Presence::Leave, "leave")
             };
+            // Redis appends the id (`p<n>`) and the tail when it publishes.
+            let id = format!("p{which}");
             (
-                envelope::presence(kind, room, user, session, ts, &id),
+                envelope::presence_id_head(kind, room, user, session, ts) + &id + envelope::ID_TAIL,
                 vec![
                     ("type", s(name)),
                     ("room", s(room)),
@@ -87,8 +89,14 @@ fuzz_target!(|data: &[u8]| {
         k => {
             // user/text double as code/message here.
             let (json, name) = match k {
-                4 => (envelope::status(Status::Error, room, user, text, ts), "error"),
-                5 => (envelope::status(Status::Notice, room, user, text, ts), "notice"),
+                4 => (
+                    envelope::status(Status::Error, room, user, text, ts),
+                    "error",
+                ),
+                5 => (
+                    envelope::status(Status::Notice, room, user, text, ts),
+                    "notice",
+                ),
                 _ => (envelope::error(room, user, text, ts), "error"),
             };
             if k == 6 {
@@ -116,20 +124,29 @@ fuzz_target!(|data: &[u8]| {
     );
     assert!(json.starts_with(r#"{"type":""#) && json.ends_with('}'));
 
-    let parsed: Value = serde_json::from_str(&json)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {json:?}"));
+    let parsed: Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("not JSON ({e}): {json:?}"));
     let obj: &Map<String, Value> = parsed.as_object().expect("an object");
     // Exactly the expected fields, each exactly equal.
     assert_eq!(obj.len(), want.len() + 1, "field count in {json:?}");
     for (k, v) in &want {
         assert_eq!(obj.get(*k), Some(v), "field {k} in {json:?}");
     }
-    assert_eq!(obj.get("ts").and_then(Value::as_u64), Some(ts), "ts in {json:?}");
+    assert_eq!(
+        obj.get("ts").and_then(Value::as_u64),
+        Some(ts),
+        "ts in {json:?}"
+    );
     // Escaping is minimal: ASCII text needing no escape appears verbatim.
     for (k, v) in &want {
         if let Value::String(v) = v {
-            if v.chars().all(|c| c.is_ascii() && !c.is_ascii_control() && c != '"' && c != '\\') {
-                assert!(json.contains(&format!("\"{k}\":\"{v}\"")), "{k} not verbatim");
+            if v.chars()
+                .all(|c| c.is_ascii() && !c.is_ascii_control() && c != '"' && c != '\\')
+            {
+                assert!(
+                    json.contains(&format!("\"{k}\":\"{v}\"")),
+                    "{k} not verbatim"
+                );
             }
         }
     }
