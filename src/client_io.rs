@@ -10,6 +10,7 @@ use ngx::ffi::{ngx_connection_t, NGX_AGAIN, NGX_ERROR};
 
 use wschat_core::frame_guard::{FrameGuard, Violation};
 
+use crate::metrics::{self, Counter};
 use crate::send_queue::{Limit, SendQueue};
 
 pub struct ClientIo {
@@ -64,7 +65,10 @@ impl ClientIo {
         // SAFETY: buf is valid for buf.len() bytes of writes.
         let n = unsafe { recv(c, buf.as_mut_ptr(), buf.len()) };
         match n {
-            n if n >= 0 => Ok(n as usize),
+            n if n >= 0 => {
+                metrics::count(Counter::BytesReceived, n as u64);
+                Ok(n as usize)
+            }
             n if n == NGX_AGAIN as isize => Err(io::ErrorKind::WouldBlock.into()),
             n if n == NGX_ERROR as isize => Err(io::ErrorKind::ConnectionReset.into()),
             _ => Err(io::ErrorKind::Other.into()),

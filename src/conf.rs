@@ -20,7 +20,7 @@ use wschat_core::rate::Limit;
 use wschat_core::redis_addr::{self, RedisAddr};
 use wschat_core::send_queue::Limit as QueueLimit;
 
-use crate::{conf_error, handler, module};
+use crate::{conf_error, handler, metrics, module, publish, status};
 
 /// Used when a chat location names no Redis: where redis-server listens by default.
 const DEFAULT_REDIS: &str = "127.0.0.1:6379";
@@ -112,6 +112,8 @@ impl ConfPlace {
 #[derive(Default)]
 pub struct LocConf {
     enabled: bool,
+    /// `websocket_chat_publish`: the location takes messages by POST.
+    publish: bool,
     redis: Option<usize>,
     room: Option<ptr::NonNull<ngx_http_complex_value_t>>,
     user: Option<ptr::NonNull<ngx_http_complex_value_t>>,
@@ -280,15 +282,21 @@ const fn main_directive(name: ngx_str_t, set: Setter) -> ngx_command_t {
     }
 }
 
-pub static mut COMMANDS: [ngx_command_t; 17] = [
+const fn location_directive(name: ngx_str_t, set: Setter) -> ngx_command_t {
     ngx_command_t {
-        name: ngx_string!("websocket_chat"),
+        name,
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
-        set: Some(set_websocket_chat),
+        set: Some(set),
         conf: NGX_HTTP_LOC_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
-    },
+    }
+}
+
+pub static mut COMMANDS: [ngx_command_t; 19] = [
+    location_directive(ngx_string!("websocket_chat"), set_websocket_chat),
+    location_directive(ngx_string!("websocket_chat_publish"), set_publish),
+    location_directive(ngx_string!("websocket_chat_status"), set_status),
     directive(
         ngx_string!("websocket_chat_redis"),
         NGX_CONF_TAKE1,
@@ -386,7 +394,8 @@ pub extern "C" fn merge_loc_conf(
     }
     conf.history = conf.history.or(prev.history);
     conf.presence = conf.presence.or(prev.presence);
-    if conf.enabled && (conf.history().is_some() || conf.presence()) {
+    let chat = conf.enabled || conf.publish;
+    if (conf.enabled && conf.presence()) || (chat && conf.history().is_some()) {
         // SAFETY: merging happens inside the http block, whose main
         // configuration exists.
         if let Some(main) = Module::main_conf_mut(unsafe { &*cf }) {
@@ -419,10 +428,18 @@ pub extern "C" fn merge_loc_conf(
     if conf.heartbeat_at.is_none() {
         conf.heartbeat_at = prev.heartbeat_at.clone();
     }
-    if conf.enabled && conf.redis.is_none() {
+    if chat && conf.redis.is_none() {
         match add_endpoint(cf, DEFAULT_REDIS) {
             Ok(index) => conf.redis = Some(index),
             Err(()) => return conf_error(),
+        }
+    }
+    if conf.publish {
+        // A message is read whole into memory, never into a temporary file.
+        // SAFETY: merging runs with cf->ctx set to this location's.
+        if let Some(clcf) = NgxHttpCoreModule::location_conf_mut(unsafe { &*cf }) {
+            let want = conf.max_message() + 1;
+            clcf.client_body_buffer_size = clcf.client_body_buffer_size.max(want);
         }
     }
     ptr::null_mut()
@@ -501,16 +518,60 @@ extern "C" fn set_websocket_chat(
     if rv != NGX_CONF_OK {
         return rv;
     }
+    set_location_handler(cf, Some(handler::websocket_chat_handler))
+}
+
+/// A location that is not a session endpoint: only the content handler
+/// and the status zone.
+fn set_location_handler(
+    cf: *mut ngx_conf_t,
+    handler: ngx::ffi::ngx_http_handler_pt,
+) -> *mut c_char {
+    if metrics::declare(cf).is_err() {
+        return conf_error();
+    }
     // SAFETY: cf is a valid http configuration context inside a location.
     let clcf: Option<&mut ngx_http_core_loc_conf_t> =
         NgxHttpCoreModule::location_conf_mut(unsafe { &*cf });
     match clcf {
-        Some(clcf) => {
-            clcf.handler = Some(handler::websocket_chat_handler);
+        Some(clcf) if clcf.handler.is_none() => {
+            clcf.handler = handler;
             NGX_CONF_OK
+        }
+        Some(_) => {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "\"{}\" directive conflicts with another content handler in this location",
+                args(cf)[0]
+            );
+            conf_error()
         }
         None => conf_error(),
     }
+}
+
+extern "C" fn set_publish(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    let lc = loc_conf_mut(conf);
+    let mut publish = lc.publish.then_some(());
+    let rv = set_once(cf, &mut publish, |_| Ok(()));
+    lc.publish = publish.is_some();
+    if rv != NGX_CONF_OK {
+        return rv;
+    }
+    set_location_handler(cf, Some(publish::websocket_chat_publish_handler))
+}
+
+extern "C" fn set_status(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    set_location_handler(cf, Some(status::websocket_chat_status_handler))
 }
 
 extern "C" fn set_redis(

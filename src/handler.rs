@@ -14,6 +14,8 @@ use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule, Request};
 use ngx::ngx_log_error;
 
 use crate::conf::{self, LocConf, Origins};
+use crate::metrics::{self, Counter, Refusal};
+use crate::request_ctx::RequestCtx;
 use crate::session::Upgrade;
 use crate::{ids, worker};
 use wschat_core::handshake::{self, Rejection};
@@ -28,7 +30,7 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
     let log = req.connection_log();
 
     let Some(lc) = conf::loc_conf(req) else {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        return refuse(NGX_HTTP_INTERNAL_SERVER_ERROR);
     };
     let accept = match check_handshake(req, lc) {
         Ok(accept) => accept,
@@ -49,11 +51,11 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
             log,
             "websocket_chat: handshake rejected: request has a body"
         );
-        return NGX_HTTP_BAD_REQUEST as ngx_int_t;
+        return refuse(NGX_HTTP_BAD_REQUEST);
     }
 
     let Some(main) = conf::main_conf(req) else {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        return refuse(NGX_HTTP_INTERNAL_SERVER_ERROR);
     };
     let room = match names::room(&evaluate(req, lc.room())) {
         Ok(room) => room,
@@ -64,7 +66,7 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
                 "websocket_chat: handshake rejected: {}",
                 bad
             );
-            return NGX_HTTP_BAD_REQUEST as ngx_int_t;
+            return refuse(NGX_HTTP_BAD_REQUEST);
         }
     };
     let user = names::user(&evaluate(req, lc.user()), ids::random());
@@ -77,7 +79,11 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
             log,
             "websocket_chat: handshake refused: worker is shutting down"
         );
-        return NGX_HTTP_SERVICE_UNAVAILABLE as ngx_int_t;
+        return refuse(NGX_HTTP_SERVICE_UNAVAILABLE);
+    }
+    // SAFETY: r is the live main request.
+    if unsafe { RequestCtx::create(r, &room, &user) }.is_none() {
+        return refuse(NGX_HTTP_INTERNAL_SERVER_ERROR);
     }
 
     if let Err(rc) = send_switching_protocols(req, &accept) {
@@ -140,6 +146,12 @@ fn check_handshake(req: &mut ngx_http_request_t, lc: &LocConf) -> Result<String,
     Ok(accept)
 }
 
+/// Counts a handshake answered with `status` instead of 101.
+fn refuse(status: u32) -> ngx_int_t {
+    metrics::count(Counter::Refusal(Refusal::of_status(status as u16)), 1);
+    status as ngx_int_t
+}
+
 /// Answers a failed handshake. 426 must name the version we speak.
 fn reject(req: &mut ngx_http_request_t, rejection: Rejection) -> ngx_int_t {
     if rejection == Rejection::Version {
@@ -149,12 +161,12 @@ fn reject(req: &mut ngx_http_request_t, rejection: Rejection) -> ngx_int_t {
             .add_header_out("Sec-WebSocket-Version", "13")
             .is_none()
         {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+            return refuse(NGX_HTTP_INTERNAL_SERVER_ERROR);
         }
         // nginx has no reason phrase of its own for 426.
         req.headers_out.status_line = static_str(b"426 Upgrade Required");
     }
-    rejection.status() as ngx_int_t
+    refuse(u32::from(rejection.status()))
 }
 
 fn static_str(s: &'static [u8]) -> ngx_str_t {
@@ -164,7 +176,7 @@ fn static_str(s: &'static [u8]) -> ngx_str_t {
     }
 }
 
-fn evaluate(req: &mut ngx_http_request_t, cv: Option<&ngx_http_complex_value_t>) -> Vec<u8> {
+pub fn evaluate(req: &mut ngx_http_request_t, cv: Option<&ngx_http_complex_value_t>) -> Vec<u8> {
     let Some(cv) = cv else {
         return Vec::new();
     };

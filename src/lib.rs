@@ -20,16 +20,22 @@ mod client_io;
 mod conf;
 mod handler;
 mod ids;
+mod metrics;
 mod peer;
+mod publish;
 mod redis_link;
+mod request_ctx;
+mod response;
 mod rooms;
 mod send_queue;
 mod session;
+mod status;
 mod time;
+mod variables;
 mod worker;
 
 static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: None,
+    preconfiguration: Some(variables::add_variables),
     postconfiguration: None,
     create_main_conf: Some(conf::create_main_conf),
     init_main_conf: None,

@@ -27,6 +27,7 @@ use wschat_core::{envelope, history, presence};
 
 use crate::conf::{Endpoint, MainConf};
 use crate::ids;
+use crate::metrics::{self, Counter, Gauge};
 use crate::peer::{PeerConn, ReadOutcome, State};
 
 /// What the link accepts from Redis: nothing larger than a chat message can
@@ -153,11 +154,18 @@ const SCRIPT_CODE: [&str; 6] = [
     presence::SUMMARY_SCRIPT,
 ];
 
-/// A script run whose reply the caller wants back, with what it needs to
-/// know which is which.
+/// What a command whose reply is wanted back was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Run(Script),
+    Publish,
+}
+
+/// A command whose reply the caller wants back, with what it needs to know
+/// which is which.
 #[derive(Debug)]
 pub struct Call {
-    pub script: Script,
+    pub op: Op,
     pub tag: Tag,
     pub channel: Box<str>,
 }
@@ -215,6 +223,9 @@ struct Conn {
     /// Since when Redis has owed a reply for something already sent and
     /// said nothing.
     waiting_since: Option<ngx_msec_t>,
+    /// Whether the instance's numbers count it as up or down (neither
+    /// before its first attempt ends).
+    reported: Option<bool>,
 }
 
 impl Conn {
@@ -227,7 +238,25 @@ impl Conn {
             setup_chunk: None,
             pending: VecDeque::new(),
             waiting_since: None,
+            reported: None,
         }
+    }
+
+    /// Moves the connection between the up and down gauges; coming up
+    /// after being down is a reconnect.
+    fn report(&mut self, up: bool) {
+        if self.reported == Some(up) {
+            return;
+        }
+        let gauge = |up| if up { Gauge::RedisUp } else { Gauge::RedisDown };
+        if let Some(was) = self.reported {
+            metrics::adjust(gauge(was), -1);
+            if up {
+                metrics::count(Counter::RedisReconnects, 1);
+            }
+        }
+        metrics::adjust(gauge(up), 1);
+        self.reported = Some(up);
     }
 
     /// Replies owed for commands that have left (queued ones owe nothing yet).
@@ -283,6 +312,8 @@ pub struct Link {
     /// Fires every `TICK_MS` for the rooms layer (presence summaries and
     /// leases); cancelable, so it never holds a worker that is exiting.
     tick: ngx_event_t,
+    /// The backlog as last reported to the instance's numbers.
+    reported_backlog: i64,
 }
 
 fn packed(args: &[&[u8]]) -> Rc<[u8]> {
@@ -294,7 +325,7 @@ fn packed(args: &[&[u8]]) -> Rc<[u8]> {
 }
 
 /// A Redis error as Redis wrote it (`NOPERM this user has no ...`).
-fn error_text(err: &redis::ServerError) -> String {
+pub fn error_text(err: &redis::ServerError) -> String {
     match err.details() {
         Some(details) => format!("{} {}", err.code(), details),
         None => err.code().to_owned(),
@@ -341,6 +372,7 @@ impl Link {
             // SAFETY: an all-zero event is an idle, unarmed one; `start_tick`
             // fills in what nginx needs.
             tick: unsafe { core::mem::zeroed() },
+            reported_backlog: 0,
         })
     }
 
@@ -406,6 +438,7 @@ impl Link {
     }
 
     fn on_up(&mut self, role: Role) {
+        self.conn(role).report(true);
         ngx_log_error!(
             NGX_LOG_INFO,
             self.log,
@@ -454,6 +487,7 @@ impl Link {
         let log = self.log;
         let conn = self.conn(role);
         let was_up = conn.peer.state == State::Up;
+        conn.report(false);
         conn.drop_setup();
         conn.peer.close();
         conn.setup_pending = 0;
@@ -626,10 +660,19 @@ impl Link {
 
     /// Queues a PUBLISH of an event (already encoded as JSON) to a channel;
     /// `tag` comes back with `Event::PublishRefused` if Redis refuses it.
-    pub fn publish(&mut self, channel: &str, event: &str, tag: Tag) -> Result<(), BacklogFull> {
+    /// With `call`, Redis's reply (or `None`, lost) comes back as
+    /// `Event::Replied` instead.
+    pub fn publish(
+        &mut self,
+        channel: &str,
+        event: &str,
+        tag: Tag,
+        call: Option<Call>,
+    ) -> Result<(), BacklogFull> {
         self.ensure_started();
         let cmd = packed(&[b"PUBLISH", channel.as_bytes(), event.as_bytes()]);
-        self.cmd.queue_command(cmd, Pending::Publish(tag))
+        let pending = call.map_or(Pending::Publish(tag), Pending::Call);
+        self.cmd.queue_command(cmd, pending)
     }
 
     /// Runs one of the module's scripts; with `call`, its reply comes back
@@ -670,6 +713,7 @@ impl Link {
         head: &str,
         keep: (usize, u64),
         tag: Tag,
+        call: Option<Call>,
     ) -> Result<(), BacklogFull> {
         let (count, ms) = (keep.0.to_string(), keep.1.to_string());
         let args: [&[u8]; 4] = [
@@ -678,7 +722,7 @@ impl Link {
             head.as_bytes(),
             envelope::ID_TAIL.as_bytes(),
         ];
-        self.eval(Script::Append, &[channel], &args, tag, None)
+        self.eval(Script::Append, &[channel], &args, tag, call)
     }
 
     /// Asks for a room's history and members as `req` says; the answer
@@ -687,10 +731,11 @@ impl Link {
         let since = req.since.map(|p| p.to_string()).unwrap_or_default();
         let (members, seq) = (presence::members_key(channel), presence::seq_key(channel));
         let call = Call {
-            script: Script::Fetch,
+            op: Op::Run(Script::Fetch),
             tag,
             channel: channel.into(),
         };
+        metrics::count(Counter::HistoryFetches, 1);
         self.eval(
             Script::Fetch,
             &[channel, &members, &seq],
@@ -719,6 +764,9 @@ impl Link {
     pub fn on_wake(&mut self, role: Role, wake: Wake) {
         match wake {
             Wake::Tick => {
+                let backlog = self.cmd.peer.queue.bytes() as i64;
+                metrics::adjust(Gauge::BacklogBytes, backlog - self.reported_backlog);
+                self.reported_backlog = backlog;
                 self.events.push(Event::Tick);
                 // SAFETY: as in start_tick.
                 unsafe { ngx::ffi::ngx_add_timer(&mut self.tick, TICK_MS) };

@@ -15,10 +15,15 @@ use wschat_core::presence::{self, Changes};
 use wschat_core::room::Registry;
 use wschat_core::slab::{Key, Slab};
 
-use ngx::ffi::NGX_LOG_WARN;
+use core::ptr::NonNull;
+
+use ngx::ffi::{ngx_http_request_t, NGX_LOG_ERR, NGX_LOG_WARN};
 use ngx::ngx_log_error;
 
-use crate::redis_link::{Call, Event, Link, Script};
+use crate::conf::LocConf;
+use crate::metrics::{self, Gauge, PublishStatus};
+use crate::publish::{self, Outgoing, Refused};
+use crate::redis_link::{self, BacklogFull, Call, Event, Link, Op, Script};
 use crate::session::{close, Admission, Held, Mark, Session};
 use crate::{ids, time};
 
@@ -69,6 +74,16 @@ pub struct Rooms {
     ticks: u64,
     /// The event buffer handed back to the link between turns.
     spare: Vec<Event>,
+    /// `websocket_chat_publish` requests waiting for Redis.
+    publishes: Slab<Waiting>,
+}
+
+/// A publish request waiting for Redis's answer.
+struct Waiting {
+    r: NonNull<ngx_http_request_t>,
+    room: Box<str>,
+    /// The id given here (history off); with history Redis gives it.
+    id: Option<Box<str>>,
 }
 
 /// Tag of a command whose failure nobody is left to hear of.
@@ -83,13 +98,107 @@ impl Rooms {
             prefixes: HashMap::new(),
             ticks: 0,
             spare: Vec::new(),
+            publishes: Slab::new(),
         }
+    }
+
+    /// Sends a message from `websocket_chat_publish` the way members' go:
+    /// into the history (which gives its id) or, with history off, with an
+    /// id of our own. The request waits under the returned key.
+    pub fn publish(
+        &mut self,
+        r: *mut ngx_http_request_t,
+        conf: &LocConf,
+        out: &Outgoing,
+        sid: &str,
+    ) -> Result<Key, BacklogFull> {
+        let r = NonNull::new(r).ok_or(BacklogFull)?;
+        let channel = format!("{}{}", conf.channel_prefix(), out.room);
+        let head = envelope::message_head(&out.room, &out.user, sid, &out.text, time::now_ms());
+        let id = conf.history().is_none().then(ids::next_id);
+        let key = self.publishes.insert(Waiting {
+            r,
+            room: out.room.as_str().into(),
+            id: id.as_deref().map(Into::into),
+        });
+        let call = |op| Call {
+            op,
+            tag: key.to_raw(),
+            channel: channel.as_str().into(),
+        };
+        let sent = match (conf.history(), id) {
+            (Some(h), _) => self.link.append(
+                &channel,
+                &head,
+                (h.count, h.keep_ms),
+                NOBODY,
+                Some(call(Op::Run(Script::Append))),
+            ),
+            (None, id) => {
+                let mut event = head;
+                event.push_str(id.as_deref().unwrap_or_default());
+                event.push_str(envelope::ID_TAIL);
+                (self.link).publish(&channel, &event, NOBODY, Some(call(Op::Publish)))
+            }
+        };
+        if sent.is_err() {
+            self.publishes.remove(key);
+            return Err(BacklogFull);
+        }
+        Ok(key)
+    }
+
+    /// The request of a waiting publish is gone.
+    pub fn forget_publish(&mut self, key: Key) {
+        self.publishes.remove(key);
+    }
+
+    /// Redis has answered a publish (or the command was lost): the request
+    /// gets its answer.
+    fn answer_publish(&mut self, key: Key, reply: Option<&Value>) {
+        let Some(w) = self.publishes.remove(key) else {
+            return;
+        };
+        let failed = |code, message: &str| {
+            let refused = Refused::new(PublishStatus::BadGateway, code, message);
+            (PublishStatus::BadGateway, refused.body())
+        };
+        let (status, body) = match (reply, &w.id) {
+            (Some(Value::BulkString(id)), None) => (
+                PublishStatus::Created,
+                publish::created(&String::from_utf8_lossy(id), &w.room),
+            ),
+            (Some(Value::Int(_)), Some(id)) => {
+                (PublishStatus::Created, publish::created(id, &w.room))
+            }
+            (Some(Value::ServerError(err)), _) => {
+                let text = redis_link::error_text(err);
+                ngx_log_error!(
+                    NGX_LOG_ERR,
+                    self.link.log(),
+                    "websocket_chat: Redis refused a published message for \"{}\": {}",
+                    w.room,
+                    text
+                );
+                failed("redis_refused", &text)
+            }
+            (None, _) => failed(
+                "in_doubt",
+                "the connection to Redis dropped with the message in flight: it may or may not have been published",
+            ),
+            (Some(other), _) => failed("redis_error", &format!("unexpected reply {other:?}")),
+        };
+        // SAFETY: the request waits here until answered (its cleanup
+        // removes it otherwise), so it is live.
+        unsafe { publish::answer_later(w.r.as_ptr(), status, &body) };
     }
 
     /// Adds a session to its room. It is welcomed once the room's channel
     /// is live (at once if it already is).
     pub fn join(&mut self, s: &mut Session) {
-        self.members.join(s.channel(), s.key());
+        if self.members.join(s.channel(), s.key()) {
+            metrics::adjust(Gauge::Rooms, 1);
+        }
         (self.rooms.entry(s.channel().into())).or_insert_with(|| Room::new(s.room()));
         s.in_room = true;
         if self.link.in_outage() {
@@ -111,6 +220,7 @@ impl Rooms {
         }
         s.in_room = false;
         if self.members.leave(s.channel(), s.key()) {
+            metrics::adjust(Gauge::Rooms, -1);
             if let Some(room) = self.rooms.get_mut(s.channel()) {
                 // Forgotten on a later tick, once nothing is owed to it.
                 room.was_live = false;
@@ -151,7 +261,7 @@ impl Rooms {
         let node = presence::node_key(s.prefix(), &ids::node());
         let seq = presence::seq_key(s.channel());
         let call = Call {
-            script,
+            op: Op::Run(script),
             tag,
             channel: s.channel().into(),
         };
@@ -252,7 +362,7 @@ impl Rooms {
             busy.as_bytes(),
         ];
         let call = Call {
-            script: Script::Renew,
+            op: Op::Run(Script::Renew),
             tag: NOBODY,
             channel: prefix.into(),
         };
@@ -334,7 +444,7 @@ impl Rooms {
                             "room_refused",
                             "Redis refused this room; ask the operator",
                         );
-                        self.close(s, close::POLICY, "room refused by Redis");
+                        self.close(s, close::POLICY, close::ROOM_REFUSED);
                     }
                 }
             }
@@ -369,7 +479,14 @@ impl Rooms {
     }
 
     fn replied(&mut self, sessions: &mut Slab<Session>, call: Call, reply: Option<&Value>) {
-        match (call.script, Key::from_raw(call.tag)) {
+        let Op::Run(script) = call.op else {
+            if let Some(key) = Key::from_raw(call.tag) {
+                self.answer_publish(key, reply);
+            }
+            return;
+        };
+        match (script, Key::from_raw(call.tag)) {
+            (Script::Append, Some(key)) => self.answer_publish(key, reply),
             (Script::Fetch, Some(key)) => {
                 let Some(s) = sessions.get_mut(key) else {
                     return;
@@ -523,6 +640,7 @@ impl Rooms {
                     let mark = Mark {
                         pos: Some(pos),
                         presence: None,
+                        message: true,
                     };
                     self.fan_out(sessions, channel, mark, &frame);
                 }

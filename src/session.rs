@@ -30,9 +30,11 @@ use wschat_core::slab::Key;
 
 use crate::client_io::{self, ClientIo};
 use crate::conf::{History, LocConf, LogAt};
+use crate::metrics::{self, CloseKind, Counter, Gauge};
 use crate::redis_link::{BacklogFull, Link};
+use crate::request_ctx::{pool_str, RequestCtx};
 use crate::send_queue::{FlushTo, Flushed};
-use crate::{ids, module, time};
+use crate::{ids, time};
 
 /// tungstenite's read buffer is allocated (and zero-filled on the first
 /// read) per client and never shrinks: chat messages are small, so 512 bytes
@@ -55,6 +57,24 @@ pub mod close {
     /// The reason of the 1008 for a client that does not take what it is
     /// sent: what waits for it is dropped, the close frame goes first.
     pub const SLOW_CONSUMER: &str = "slow consumer";
+    pub const RATE_LIMITED: &str = "rate limit exceeded";
+    pub const ROOM_REFUSED: &str = "room refused by Redis";
+    pub const IDLE: &str = "idle timeout";
+    pub const SHUTDOWN: &str = "server shutting down";
+
+    use crate::metrics::CloseKind;
+
+    /// What a close the server starts is counted as.
+    pub fn kind_of(code: u16, reason: &str) -> CloseKind {
+        match (code, reason) {
+            (GOING_AWAY, IDLE) => CloseKind::IdleTimeout,
+            (GOING_AWAY, _) => CloseKind::Shutdown,
+            (POLICY, SLOW_CONSUMER) => CloseKind::SlowConsumer,
+            (POLICY, RATE_LIMITED) => CloseKind::RateLimit,
+            (POLICY, ROOM_REFUSED) => CloseKind::RoomRefused,
+            (code, _) => CloseKind::of_client(code),
+        }
+    }
 }
 
 /// What the worker is to do after a session has looked at an event.
@@ -103,18 +123,23 @@ pub struct Upgrade {
 pub struct Mark {
     pub pos: Option<Position>,
     pub presence: Option<u64>,
+    /// A chat message (what `messages_sent` counts).
+    pub message: bool,
 }
 
 impl Mark {
     pub fn of(event: &[u8]) -> Mark {
+        let message = event.starts_with(br#"{"type":"message""#);
         match history::position_of(event) {
             Some(pos) => Mark {
                 pos: Some(pos),
                 presence: None,
+                message,
             },
             None => Mark {
                 pos: None,
                 presence: presence::seq_of(event),
+                message,
             },
         }
     }
@@ -194,6 +219,11 @@ pub struct Session {
     rate: Bucket,
     rejected_in_row: u8,
     times: CoreTimes,
+    /// Chat messages the client sent, and those it was sent.
+    messages_in: u32,
+    messages_out: u32,
+    /// How the session closed: the code and what it is counted as.
+    closed: Option<(u16, CloseKind)>,
 }
 
 /// A connection to end once the worker's state is no longer borrowed:
@@ -254,9 +284,15 @@ impl Session {
         channel.push_str(conf.channel_prefix());
         channel.push_str(&room);
         let since_pos = since.as_deref().and_then(Position::parse);
+        let sid: Box<str> = ids::next_id().into();
+        // SAFETY: r is live (caller).
+        if let Some(ctx) = unsafe { RequestCtx::of(r) } {
+            // SAFETY: as above; the copy lives in the request's pool.
+            ctx.session_id = pool_str(unsafe { (*r).pool }, &sid);
+        }
         Session {
             key,
-            sid: ids::next_id().into(),
+            sid,
             request: NonNull::new(r),
             c,
             conf,
@@ -282,6 +318,9 @@ impl Session {
             rate: Bucket::default(),
             rejected_in_row: 0,
             times,
+            messages_in: 0,
+            messages_out: 0,
+            closed: None,
         }
     }
 
@@ -308,9 +347,10 @@ impl Session {
             if cln.is_null() {
                 return Err(());
             }
+            let ctx = RequestCtx::of(r).ok_or(())?;
             (*cln).handler = cleanup;
             (*cln).data = key_ptr(key);
-            *(*r).ctx.add(module().ctx_index) = key_ptr(key);
+            ctx.session = key.to_raw();
             (*(*c).read).handler = read;
             (*(*c).write).handler = write;
             // nginx's graceful shutdown visits idle connections with c->close
@@ -401,6 +441,10 @@ impl Session {
             }
             self.presence_cursor = self.presence_cursor.max(n);
         }
+        if mark.message {
+            self.messages_out = self.messages_out.wrapping_add(1);
+            metrics::count(Counter::MessagesSent, 1);
+        }
         self.send(frame.clone());
     }
 
@@ -419,12 +463,13 @@ impl Session {
                 &head,
                 (h.count, h.keep_ms),
                 self.key.to_raw(),
+                None,
             ),
             None => {
                 let mut event = head;
                 event.push_str(&ids::next_id());
                 event.push_str(envelope::ID_TAIL);
-                link.publish(&self.channel, &event, self.key.to_raw())
+                link.publish(&self.channel, &event, self.key.to_raw(), None)
             }
         }
     }
@@ -640,11 +685,13 @@ impl Session {
 
     /// Publishes one chat message, unless the sender is over its rate.
     fn on_text(&mut self, link: &mut Link, text: &str) -> Result<(), (u16, &'static str)> {
+        self.messages_in = self.messages_in.wrapping_add(1);
+        metrics::count(Counter::MessagesReceived, 1);
         if let Some(limit) = self.conf.rate() {
             if !self.rate.allow(limit, time::now_ms()) {
                 self.rejected_in_row += 1;
                 if self.rejected_in_row >= FLOOD_REJECTIONS {
-                    return Err((close::POLICY, "rate limit exceeded"));
+                    return Err((close::POLICY, close::RATE_LIMITED));
                 }
                 self.notify(
                     Status::Error,
@@ -676,7 +723,7 @@ impl Session {
             return self.linger_read(until, timedout);
         }
         if close {
-            return Step::Close(close::GOING_AWAY, "server shutting down");
+            return Step::Close(close::GOING_AWAY, close::SHUTDOWN);
         }
         if timedout {
             return self.on_heartbeat();
@@ -715,7 +762,7 @@ impl Session {
         let silent = now().wrapping_sub(self.last_heard);
         let (ping, idle) = (self.conf.ping_interval(), self.conf.idle_timeout());
         if silent >= idle {
-            return Step::Close(close::GOING_AWAY, "idle timeout");
+            return Step::Close(close::GOING_AWAY, close::IDLE);
         }
         let next = if silent >= ping {
             self.send(frame::ping_frame(b""));
@@ -740,7 +787,10 @@ impl Session {
                 Ok(Message::Binary(_)) => {
                     return Step::Close(close::UNSUPPORTED, "binary messages are not supported")
                 }
-                Ok(Message::Close(_)) => {
+                Ok(Message::Close(frame)) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    self.closed
+                        .get_or_insert((code, CloseKind::of_client(code)));
                     // tungstenite has queued the echo of the client's close.
                     let _ = self.ws.flush();
                     self.closing = true;
@@ -776,6 +826,8 @@ impl Session {
         if self.closing {
             return false;
         }
+        self.closed
+            .get_or_insert((code, close::kind_of(code, reason)));
         ngx_log_error!(
             NGX_LOG_INFO,
             self.log(),
@@ -870,8 +922,15 @@ impl Session {
         if self.lingering_until.is_some() {
             return Step::Flush;
         }
+        let queue = &mut self.ws.get_mut().queue;
+        let before = queue.bytes();
         // SAFETY: c is live.
-        match unsafe { self.ws.get_mut().queue.flush(c, usize::MAX) } {
+        let flushed = unsafe { queue.flush(c, usize::MAX) };
+        metrics::count(
+            Counter::BytesSent,
+            before.saturating_sub(queue.bytes()) as u64,
+        );
+        match flushed {
             Err(_) => Step::Finish,
             Ok(Flushed::All) if self.closing => self.after_close_frame(),
             Ok(Flushed::All) => {
@@ -906,10 +965,42 @@ impl Session {
 
     /// What ends the connection, for the worker to carry out.
     pub fn finish(&self) -> Finish {
+        self.record_for_log(true);
         Finish {
             c: self.c,
             request: self.request,
         }
+    }
+
+    /// The close code, and what the session is counted as: none sent or
+    /// received means the connection just ended (1006).
+    fn close_status(&self) -> (u16, CloseKind) {
+        self.closed.unwrap_or((1006, CloseKind::Abnormal))
+    }
+
+    /// Puts the numbers the variables report where the access-log line
+    /// finds them (the request is about to go); the close code only once
+    /// there is one, or the session has `ended`.
+    fn record_for_log(&self, ended: bool) {
+        let Some(r) = self.request else {
+            return;
+        };
+        // SAFETY: a held request is live.
+        if let Some(ctx) = unsafe { RequestCtx::of(r.as_ptr()) } {
+            ctx.messages_in = self.messages_in.into();
+            ctx.messages_out = self.messages_out.into();
+            ctx.close_code = match self.closed {
+                _ if ended => self.close_status().0,
+                Some((code, _)) => code,
+                None => 0,
+            };
+        }
+    }
+
+    /// Counts the session's end in the instance's numbers.
+    pub fn count_end(&self) {
+        metrics::count(Counter::Close(self.close_status().1), 1);
+        metrics::adjust(Gauge::Connections, -1);
     }
 
     fn log(&self) -> *mut ngx::ffi::ngx_log_t {
@@ -941,7 +1032,7 @@ pub unsafe fn key_of_connection(c: *mut ngx_connection_t, holds_request: bool) -
     unsafe {
         if holds_request {
             let r = (*c).data.cast::<ngx_http_request_t>();
-            key_of(*(*r).ctx.add(module().ctx_index))
+            RequestCtx::of(r).and_then(|ctx| Key::from_raw(ctx.session))
         } else {
             key_of((*c).data)
         }
@@ -987,9 +1078,11 @@ impl Session {
                 || (*c).buffered() != 0
                 || (*r).count() != 1
                 || (*r).blocked() != 0
+                || others_hold(r)
             {
                 return;
             }
+            self.record_for_log(false);
             let hc = (*r).http_connection;
             (*r).set_count(0);
             self.request = None;
@@ -1003,6 +1096,30 @@ impl Session {
             (*(*c).write).handler = write;
             free_header_buffers(c, hc);
         }
+    }
+}
+
+/// Whether another module has tied something to the request's end:
+/// `limit_conn` frees its slot and `realip` restores the client address
+/// when the request goes, so such a request is kept until the session
+/// ends, for them to keep working.
+///
+/// # Safety
+/// `r` must be a live main request.
+unsafe fn others_hold(r: *mut ngx_http_request_t) -> bool {
+    // SAFETY: r is live (caller); both lists are nginx's own.
+    unsafe {
+        if !(*(*r).pool).cleanup.is_null() {
+            return true;
+        }
+        let mut cln = (*r).cleanup;
+        while !cln.is_null() {
+            if (*cln).handler.is_some() {
+                return true;
+            }
+            cln = (*cln).next;
+        }
+        false
     }
 }
 

@@ -9,12 +9,15 @@
 use core::ffi::c_void;
 use core::ptr;
 
-use ngx::ffi::{ngx_connection_t, ngx_event_t, ngx_http_request_t, NGX_LOG_ALERT};
+use ngx::ffi::{ngx_connection_t, ngx_event_t, ngx_http_request_t, NGX_LOG_ALERT, NGX_LOG_WARN};
 use ngx::ngx_log_error;
 use wschat_core::slab::{Key, Slab};
 
-use crate::conf::{LocConf, MainConf};
+use crate::conf::{self, LocConf, MainConf};
+use crate::metrics::{self, Counter, Gauge, PublishStatus};
+use crate::publish::{Outgoing, Refused};
 use crate::redis_link::{Handlers, Link, Role, Wake};
+use crate::request_ctx::RequestCtx;
 use crate::rooms::Rooms;
 use crate::session::{self, close, Finish, Session, Step, Upgrade};
 
@@ -56,6 +59,19 @@ fn with<T>(f: impl FnOnce(&mut Worker) -> T) -> Option<T> {
 
 pub fn init() {
     crate::ids::init();
+    // SAFETY: nginx's process globals, read on its own thread.
+    let (process, pid) = unsafe { (ngx::ffi::ngx_process, ngx::ffi::ngx_pid) };
+    let counted = matches!(
+        process as u32,
+        ngx::ffi::NGX_PROCESS_WORKER | ngx::ffi::NGX_PROCESS_SINGLE
+    );
+    if counted && !metrics::claim(pid as u32) {
+        ngx_log_error!(
+            NGX_LOG_WARN,
+            cycle_log(),
+            "websocket_chat: no free slot in the status zone; this worker is not counted"
+        );
+    }
     // SAFETY: called once per worker before any request is served.
     unsafe {
         *ptr::addr_of_mut!(WORKER) = Some(Worker {
@@ -74,6 +90,7 @@ pub fn shutdown() {
     }
     // SAFETY: as in `init`; nothing refers to the state any more.
     unsafe { *ptr::addr_of_mut!(WORKER) = None };
+    metrics::release();
 }
 
 /// Takes over an upgraded request as a session.
@@ -99,6 +116,50 @@ pub unsafe fn start_session(
         }
         _ => Err(()),
     }
+}
+
+/// Hands a checked message from `websocket_chat_publish` to its room
+/// layer; the request waits there for Redis.
+pub fn publish(
+    r: *mut ngx_http_request_t,
+    conf: &'static LocConf,
+    outgoing: &Outgoing,
+    sid: &str,
+) -> Result<(), Refused> {
+    let unavailable = || {
+        Refused::new(
+            PublishStatus::Unavailable,
+            "redis_unavailable",
+            "Redis is unreachable and the queue to it is full",
+        )
+    };
+    // SAFETY: r is live (the caller's body handler).
+    let main = conf::main_conf(unsafe { &*r }).ok_or_else(unavailable)?;
+    let key = with(|w| {
+        let rooms = w.rooms(main, conf.redis()).ok_or_else(unavailable)?;
+        rooms
+            .publish(r, conf, outgoing, sid)
+            .map_err(|_| unavailable())
+    })
+    .unwrap_or_else(|| Err(unavailable()))?;
+    // SAFETY: r is live; its context was made before the message was sent.
+    if let Some(ctx) = unsafe { RequestCtx::of(r) } {
+        ctx.endpoint = conf.redis();
+        ctx.pending = key.to_raw();
+    }
+    Ok(())
+}
+
+/// A waiting publish's request is gone before Redis answered.
+pub fn forget_publish(endpoint: usize, key: u64) {
+    with(|w| {
+        if let (Some(rooms), Some(key)) = (
+            w.rooms.get_mut(endpoint).and_then(Option::as_mut),
+            Key::from_raw(key),
+        ) {
+            rooms.forget_publish(key);
+        }
+    });
 }
 
 static LINK_HANDLERS: Handlers = Handlers {
@@ -137,13 +198,17 @@ impl Worker {
         // SAFETY: as the caller promises.
         let session = unsafe { Session::new(key, r, conf, upgrade) };
         self.sessions.insert(session);
+        metrics::count(Counter::SessionsOpened, 1);
+        metrics::adjust(Gauge::Connections, 1);
         let s = self.sessions.get_mut(key).ok_or(())?;
         let read = Some(session_read::<true> as unsafe extern "C" fn(*mut ngx_event_t));
         let write = Some(session_write::<true> as unsafe extern "C" fn(*mut ngx_event_t));
         // SAFETY: as the caller promises; the slab keeps the session under
         // `key` until session_cleanup removes it.
         if unsafe { s.attach(read, write, Some(session_cleanup)) }.is_err() {
-            self.sessions.remove(key);
+            if let Some(s) = self.sessions.remove(key) {
+                s.count_end();
+            }
             return Err(());
         }
         let rooms = (self.rooms.get_mut(s.endpoint))
@@ -202,6 +267,7 @@ impl Worker {
         let Some(mut s) = self.sessions.remove(key) else {
             return;
         };
+        s.count_end();
         if let Some(rooms) = self.rooms.get_mut(s.endpoint).and_then(Option::as_mut) {
             rooms.leave(&mut s);
             rooms.handle_events(&mut self.sessions);
@@ -223,7 +289,7 @@ impl Worker {
                 continue;
             };
             if let Some(rooms) = self.rooms.get_mut(s.endpoint).and_then(Option::as_mut) {
-                rooms.close(s, close::GOING_AWAY, "server shutting down");
+                rooms.close(s, close::GOING_AWAY, close::SHUTDOWN);
             }
             // The close frame goes if the socket takes it; the worker exits
             // either way.
