@@ -13,7 +13,7 @@ use core::ptr;
 use ngx::ffi::{
     ngx_http_finalize_request, ngx_http_read_client_request_body, ngx_http_request_empty_handler,
     ngx_http_request_t, ngx_int_t, ngx_pool_cleanup_add, NGX_DECLINED, NGX_DONE, NGX_ERROR,
-    NGX_HTTP_POST, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_INFO,
+    NGX_HTTP_POST, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_ERR, NGX_LOG_INFO,
 };
 use ngx::ngx_log_error;
 use wschat_core::envelope::push_json_string;
@@ -133,8 +133,13 @@ unsafe extern "C" fn body_read(r: *mut ngx_http_request_t) {
     if let Err(refused) = outcome {
         // SAFETY: r is live; this ends the request nginx kept for us.
         unsafe {
+            // A full queue to Redis is trouble; the rest are the client's.
+            let level = match refused.status {
+                PublishStatus::Unavailable | PublishStatus::BadGateway => NGX_LOG_ERR,
+                _ => NGX_LOG_INFO,
+            };
             ngx_log_error!(
-                NGX_LOG_INFO,
+                level,
                 (*(*r).connection).log,
                 "websocket_chat: publish refused: {} {}",
                 refused.status.status(),

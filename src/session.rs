@@ -12,7 +12,7 @@ use ngx::ffi::{
     ngx_connection_t, ngx_current_msec, ngx_handle_read_event, ngx_handle_write_event,
     ngx_http_close_connection, ngx_http_connection_t, ngx_http_free_request,
     ngx_http_output_filter, ngx_http_request_t, ngx_msec_t, ngx_pfree, ngx_pool_cleanup_add,
-    ngx_pool_cleanup_pt, NGX_ERROR, NGX_LOG_INFO, NGX_LOG_WARN, NGX_OK,
+    ngx_pool_cleanup_pt, NGX_ERROR, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_WARN, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
@@ -630,6 +630,13 @@ impl Session {
     }
 
     pub fn notify_backlog_full(&mut self) {
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            self.log(),
+            "websocket_chat: message of \"{}\" in \"{}\" not sent: the queue to Redis is full",
+            self.user,
+            self.room
+        );
         self.notify(
             Status::Error,
             "backlog_full",
@@ -826,10 +833,17 @@ impl Session {
         if self.closing {
             return false;
         }
-        self.closed
+        let (_, kind) = *self
+            .closed
             .get_or_insert((code, close::kind_of(code, reason)));
+        // Like nginx's limit_req and limit_conn refusals, cutting a client
+        // off for what it does is an error-level line; the rest is routine.
+        let level = match kind {
+            CloseKind::SlowConsumer | CloseKind::RateLimit => NGX_LOG_ERR,
+            _ => NGX_LOG_INFO,
+        };
         ngx_log_error!(
-            NGX_LOG_INFO,
+            level,
             self.log(),
             "websocket_chat: closing session of \"{}\" in \"{}\": {} {}",
             self.user,

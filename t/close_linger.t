@@ -70,6 +70,9 @@ use Errno qw(EAGAIN EWOULDBLOCK EINTR ECONNRESET EPIPE);
 use Socket qw(SOL_SOCKET SO_ERROR);
 use Time::HiRes qw(time);
 
+# Cutting a flooding client off is an error-level line, as nginx's limit_req is.
+ChatTest::allow_errors_in_file(qr/: closing session of "flood\d" in "flood\d": 1008 rate limit exceeded, client: /);
+
 # %o: name, client (a joined WSClient), header (bytes sent first), rate
 # (payload bytes/s), total (payload bytes; undef = until the connection
 # fails), chunk (bytes of one write; for 'flood' a sub returning the next

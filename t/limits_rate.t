@@ -12,6 +12,9 @@ use Time::HiRes qw(time);
 use ChatTest;
 use WSClient;
 
+# Cutting a flooding client off is an error-level line, as nginx's limit_req is.
+ChatTest::allow_errors_in_file(qr/: closing session of "flood" in "rate": 1008 rate limit exceeded, client: /);
+
 my $redis = start_redis();
 my $nginx = start_nginx_ok('nginx starts with websocket_chat_rate 5r/s burst=5',
     chat_config(http => 'websocket_chat_rate 5r/s burst=5;'), redis => $redis);

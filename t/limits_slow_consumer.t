@@ -18,6 +18,9 @@ use Time::HiRes qw(time);
 use ChatTest;
 use WSClient;
 
+# Cutting a slow consumer off is an error-level line.
+ChatTest::allow_errors_in_file(qr/: closing session of "slow" in "slow": 1008 slow consumer, client: /);
+
 my $SEND_BUFFER = 256 * 1024;
 my $N           = 1000;         # messages per publisher
 my $SIZE        = 10 * 1024;    # text bytes per message

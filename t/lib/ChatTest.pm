@@ -55,6 +55,9 @@ package ChatTest;
 #       my $n = start_nginx($t, redis => $r, allow_errors => [
 #           qr/\[error\] .* connection to Redis \S+:$port lost: connection closed;/]);
 #       $n->allow_errors(qr/refused the \w+ connection's AUTH/, ...);  # later
+#   A file whose subject is such a line in every instance it starts (a
+#   slow-consumer cut-off, say) declares it once for all of them:
+#       ChatTest::allow_errors_in_file(qr/: 1008 slow consumer$/);
 #   Patterns are qr// objects, each matched (unanchored) against every
 #   line of the log; anything else (a plain string, say) dies. They only
 #   excuse [error] lines (alert/crit/emerg/signal lines cannot be allowed
@@ -153,6 +156,19 @@ sub import {
 
 # ---------------------------------------------------------------------------
 # generic helpers
+
+# [error] patterns allowed in every nginx instance of this file.
+my @FILE_ALLOWED;
+
+sub allow_errors_in_file {
+    for my $re (@_) {
+        die "allow_errors_in_file: not a qr// pattern: " . ($re // 'undef') . "\n"
+            unless ref $re eq 'Regexp';
+    }
+    push @FILE_ALLOWED, @_;
+}
+
+sub _file_allowed { @FILE_ALLOWED }
 
 # Poll $cond every $interval seconds until it returns a true value or
 # $timeout seconds have passed. Returns the true value, or undef on timeout.
@@ -754,7 +770,7 @@ sub allow_errors {
 # that exited on a signal, and [error] lines not matching an allowed pattern.
 sub _log_problems {
     my $self = shift;
-    my @allow = @{ $self->{allow_errors} // [] };
+    my @allow = (@{ $self->{allow_errors} // [] }, ChatTest::_file_allowed());
     my (@bad, @allowed);
     for my $l (split /\n/, $self->error_log_text) {
         if ($l =~ /\[(?:alert|crit|emerg)\]/ || $l =~ /exited on signal/) {
