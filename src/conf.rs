@@ -9,10 +9,12 @@ use ngx::core::{Pool, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_http_compile_complex_value, ngx_http_compile_complex_value_t,
     ngx_http_complex_value_t, ngx_http_core_loc_conf_t, ngx_http_request_t, ngx_msec_t,
-    ngx_parse_size, ngx_parse_time, ngx_parse_url, ngx_str_t, ngx_uint_t, ngx_url_t,
-    NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_ERROR,
-    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET,
-    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_OK,
+    ngx_parse_size, ngx_parse_time, ngx_parse_url, ngx_pool_cleanup_add, ngx_ssl_certificate,
+    ngx_ssl_cleanup_ctx, ngx_ssl_create, ngx_ssl_t, ngx_ssl_trusted_certificate, ngx_str_t,
+    ngx_uint_t, ngx_url_t, NGX_SSL_TLSv1_2, NGX_SSL_TLSv1_3, NGX_CONF_1MORE, NGX_CONF_FLAG,
+    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_ERROR, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
+    NGX_LOG_EMERG, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
@@ -66,6 +68,33 @@ pub struct MainConf {
     /// Some chat location keeps history or presence: the command
     /// connections load the scripts.
     pub uses_scripts: bool,
+    pub tls: TlsConf,
+}
+
+/// `websocket_chat_redis_ssl_*`: how `rediss://` endpoints are spoken to.
+#[derive(Default)]
+pub struct TlsConf {
+    verify: Option<bool>,
+    trusted_certificate: Option<ngx_str_t>,
+    name: Option<Box<str>>,
+    certificate: Option<ngx_str_t>,
+    certificate_key: Option<ngx_str_t>,
+    /// The client context, made once the configuration is read if some
+    /// endpoint is `rediss://`; it lives in the configuration's pool.
+    pub ssl: Option<ptr::NonNull<ngx_ssl_t>>,
+}
+
+impl TlsConf {
+    /// Whether the server's certificate is checked (chain and name).
+    pub fn verify(&self) -> bool {
+        self.verify.unwrap_or(true)
+    }
+
+    /// The name checked in the certificate and sent as SNI: the one
+    /// configured, else the host of the address.
+    pub fn name_for<'a>(&'a self, addr: &'a RedisAddr) -> &'a str {
+        self.name.as_deref().or(addr.host()).unwrap_or("")
+    }
 }
 
 impl MainConf {
@@ -293,7 +322,7 @@ const fn location_directive(name: ngx_str_t, set: Setter) -> ngx_command_t {
     }
 }
 
-pub static mut COMMANDS: [ngx_command_t; 19] = [
+pub static mut COMMANDS: [ngx_command_t; 24] = [
     location_directive(ngx_string!("websocket_chat"), set_websocket_chat),
     location_directive(ngx_string!("websocket_chat_publish"), set_publish),
     location_directive(ngx_string!("websocket_chat_status"), set_status),
@@ -361,6 +390,23 @@ pub static mut COMMANDS: [ngx_command_t; 19] = [
     main_directive(
         ngx_string!("websocket_chat_redis_backlog"),
         set_redis_backlog,
+    ),
+    main_directive(
+        ngx_string!("websocket_chat_redis_ssl_verify"),
+        set_ssl_verify,
+    ),
+    main_directive(
+        ngx_string!("websocket_chat_redis_ssl_trusted_certificate"),
+        set_ssl_trusted_certificate,
+    ),
+    main_directive(ngx_string!("websocket_chat_redis_ssl_name"), set_ssl_name),
+    main_directive(
+        ngx_string!("websocket_chat_redis_ssl_certificate"),
+        set_ssl_certificate,
+    ),
+    main_directive(
+        ngx_string!("websocket_chat_redis_ssl_certificate_key"),
+        set_ssl_certificate_key,
     ),
     ngx_command_t::empty(),
 ];
@@ -803,6 +849,151 @@ extern "C" fn set_redis_backlog(
     set_once(cf, &mut main_conf_mut(conf).redis_backlog, |args| {
         size_in(&args[0], 1024..=usize::MAX, "invalid size (at least 1k)")
     })
+}
+
+extern "C" fn set_ssl_verify(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut main_conf_mut(conf).tls.verify, |args| {
+        match args[0].as_bytes() {
+            b"on" => Ok(true),
+            b"off" => Ok(false),
+            _ => Err(ConfError::Invalid("invalid value (on or off)")),
+        }
+    })
+}
+
+/// A file name, kept as nginx read it (the configuration pool holds it).
+fn file_name(args: &[ngx_str_t]) -> Result<ngx_str_t, ConfError> {
+    match args[0].len {
+        0 => Err(ConfError::Invalid("empty file name")),
+        _ => Ok(args[0]),
+    }
+}
+
+extern "C" fn set_ssl_trusted_certificate(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(
+        cf,
+        &mut main_conf_mut(conf).tls.trusted_certificate,
+        file_name,
+    )
+}
+
+extern "C" fn set_ssl_certificate(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut main_conf_mut(conf).tls.certificate, file_name)
+}
+
+extern "C" fn set_ssl_certificate_key(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut main_conf_mut(conf).tls.certificate_key, file_name)
+}
+
+extern "C" fn set_ssl_name(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut main_conf_mut(conf).tls.name, |args| {
+        match args[0].to_str() {
+            Ok(name) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(name.into())
+            }
+            _ => Err(ConfError::Invalid("invalid server name")),
+        }
+    })
+}
+
+/// How deep a Redis server's certificate chain may be.
+const SSL_VERIFY_DEPTH: isize = 4;
+
+/// The module's postconfiguration: the TLS client context, if some Redis
+/// is `rediss://`, made and checked while `nginx -t` can still say what is
+/// wrong.
+pub extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx::ffi::ngx_int_t {
+    // SAFETY: inside the http block the main configuration exists.
+    let Some(main) = Module::main_conf_mut(unsafe { &*cf }) else {
+        return NGX_OK as ngx::ffi::ngx_int_t;
+    };
+    if !main.endpoints.iter().any(|e| e.addr.tls) {
+        return NGX_OK as ngx::ffi::ngx_int_t;
+    }
+    match client_tls(cf, &main.tls) {
+        Ok(ssl) => {
+            main.tls.ssl = Some(ssl);
+            NGX_OK as ngx::ffi::ngx_int_t
+        }
+        Err(why) => {
+            if let Some(why) = why {
+                // SAFETY: cf->log is the configuration's log.
+                ngx_log_error!(NGX_LOG_EMERG, unsafe { (*cf).log }, "{}", why);
+            }
+            NGX_ERROR as ngx::ffi::ngx_int_t
+        }
+    }
+}
+
+/// `Err(None)`: nginx has logged why.
+fn client_tls(
+    cf: *mut ngx_conf_t,
+    tls: &TlsConf,
+) -> Result<ptr::NonNull<ngx_ssl_t>, Option<String>> {
+    // SAFETY: cf is valid; the context lives in its pool, which a cleanup
+    // frees it with.
+    unsafe {
+        let pool = Pool::from_ngx_pool((*cf).pool);
+        let ssl = ptr::NonNull::new(pool.calloc_type::<ngx_ssl_t>()).ok_or(None)?;
+        (*ssl.as_ptr()).log = (*cf).log;
+        let protocols = (NGX_SSL_TLSv1_2 | NGX_SSL_TLSv1_3) as ngx_uint_t;
+        if ngx_ssl_create(ssl.as_ptr(), protocols, ptr::null_mut()) != NGX_OK as isize {
+            return Err(None);
+        }
+        let cln = ngx_pool_cleanup_add((*cf).pool, 0);
+        if cln.is_null() {
+            return Err(None);
+        }
+        (*cln).handler = Some(ngx_ssl_cleanup_ctx);
+        (*cln).data = ssl.as_ptr().cast();
+        match (tls.certificate, tls.certificate_key) {
+            (Some(mut cert), Some(mut key)) => {
+                let rc = ngx_ssl_certificate(cf, ssl.as_ptr(), &mut cert, &mut key, ptr::null_mut());
+                if rc != NGX_OK as isize {
+                    return Err(None);
+                }
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Some(
+                    "\"websocket_chat_redis_ssl_certificate\" and \"websocket_chat_redis_ssl_certificate_key\" go together".into(),
+                ))
+            }
+        }
+        if tls.verify() {
+            let Some(mut trusted) = tls.trusted_certificate else {
+                return Err(Some(
+                    "no \"websocket_chat_redis_ssl_trusted_certificate\" for rediss:// with \"websocket_chat_redis_ssl_verify on\" (the default)".into(),
+                ));
+            };
+            if ngx_ssl_trusted_certificate(cf, ssl.as_ptr(), &mut trusted, SSL_VERIFY_DEPTH)
+                != NGX_OK as isize
+            {
+                return Err(None);
+            }
+        }
+        Ok(ssl)
+    }
 }
 
 /// An nginx size (`64k`, `1m`) within `range`.

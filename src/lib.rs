@@ -36,7 +36,7 @@ mod worker;
 
 static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     preconfiguration: Some(variables::add_variables),
-    postconfiguration: None,
+    postconfiguration: Some(conf::postconfiguration),
     create_main_conf: Some(conf::create_main_conf),
     init_main_conf: None,
     create_srv_conf: None,

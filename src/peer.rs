@@ -1,18 +1,25 @@
 //! One TCP (or unix-socket) connection to Redis, opened with nginx's
-//! `ngx_event_connect_peer` and driven by nginx read/write events. This is the
-//! thin FFI layer; what the bytes mean is `redis_link`'s business.
+//! `ngx_event_connect_peer`, optionally over TLS on nginx's own SSL layer
+//! (as `proxy_pass https://` does), and driven by nginx read/write events.
+//! This is the thin FFI layer; what the bytes mean is `redis_link`'s
+//! business.
 
-use core::ffi::{c_int, c_void};
+use core::ffi::{c_int, c_void, CStr};
 use core::{mem, ptr};
 use std::io;
 
 use ngx::ffi::{
-    ngx_close_connection, ngx_connection_t, ngx_event_connect_peer, ngx_event_get_peer,
-    ngx_event_handler_pt, ngx_event_t, ngx_handle_read_event, ngx_handle_write_event, ngx_log_t,
-    ngx_peer_connection_t, ngx_str_t, sockaddr, NGX_AGAIN, NGX_OK,
+    ngx_close_connection, ngx_connection_handler_pt, ngx_connection_t, ngx_create_pool,
+    ngx_destroy_pool, ngx_event_connect_peer, ngx_event_get_peer, ngx_event_handler_pt,
+    ngx_event_t, ngx_handle_read_event, ngx_handle_write_event, ngx_log_t, ngx_peer_connection_t,
+    ngx_ssl_check_host, ngx_ssl_create_connection, ngx_ssl_handshake, ngx_ssl_shutdown, ngx_ssl_t,
+    ngx_str_t, sockaddr, NGX_AGAIN, NGX_OK, NGX_SSL_BUFFER, NGX_SSL_CLIENT,
 };
 
 use crate::send_queue::{FlushTo, Flushed, Limit, SendFailed, SendQueue};
+
+/// The pool a TLS connection's state is allocated from.
+const TLS_POOL: usize = 256;
 
 /// How much to read from Redis per `recv` call.
 const READ_CHUNK: usize = 16 * 1024;
@@ -21,7 +28,33 @@ const READ_CHUNK: usize = 16 * 1024;
 pub enum State {
     Down,
     Connecting,
+    /// Connected; the TLS handshake is under way.
+    Handshaking,
     Up,
+}
+
+/// Why a TLS connection was not accepted.
+#[derive(Debug)]
+pub enum TlsError {
+    Setup,
+    Handshake,
+    TimedOut,
+    /// The chain did not verify, in OpenSSL's words.
+    Certificate(String),
+    /// The certificate is not for the name checked.
+    Name,
+}
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsError::Setup => f.write_str("TLS setup failed"),
+            TlsError::Handshake => f.write_str("TLS handshake failed"),
+            TlsError::TimedOut => f.write_str("TLS handshake timed out"),
+            TlsError::Certificate(why) => write!(f, "certificate verify error: {why}"),
+            TlsError::Name => f.write_str("certificate does not match the server name"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -44,6 +77,9 @@ pub struct PeerConn {
     /// Fires the next reconnect attempt; cancelable so it never holds a
     /// worker that is shutting down.
     pub retry: ngx_event_t,
+    /// The handlers given to `connect`, put back after a TLS handshake
+    /// (which borrows the connection's events meanwhile).
+    handlers: (ngx_event_handler_pt, ngx_event_handler_pt),
 }
 
 impl PeerConn {
@@ -63,6 +99,7 @@ impl PeerConn {
             // SAFETY: an all-zero event is an idle, unarmed one; arm_retry
             // fills in what nginx needs before it is used.
             retry: unsafe { mem::zeroed() },
+            handlers: (None, None),
         }
     }
 
@@ -104,6 +141,7 @@ impl PeerConn {
             return self.state;
         }
         let c = self.pc.connection;
+        self.handlers = (read, write);
         // SAFETY: on NGX_OK and NGX_AGAIN nginx hands us a live connection.
         unsafe {
             (*c).data = data;
@@ -116,6 +154,92 @@ impl PeerConn {
             State::Connecting
         };
         self.state
+    }
+
+    /// Starts TLS on the connected socket, sending `name` as SNI when there
+    /// is one. `Handshaking` means `done` is called once it has finished
+    /// (or failed, or the connection's timer fired).
+    ///
+    /// # Safety
+    /// `ssl` must be a client context that outlives the connection.
+    pub unsafe fn start_tls(
+        &mut self,
+        ssl: *mut ngx_ssl_t,
+        sni: Option<&CStr>,
+        done: ngx_connection_handler_pt,
+    ) -> Result<State, TlsError> {
+        let c = self.connection().ok_or(TlsError::Setup)?;
+        // SAFETY: c is a live, connected socket; ssl outlives it (caller).
+        unsafe {
+            // nginx's TLS state lives in the connection's pool, which a peer
+            // connection does not get by itself (close destroys it).
+            if (*c).pool.is_null() {
+                (*c).pool = ngx_create_pool(TLS_POOL, (*c).log);
+                if (*c).pool.is_null() {
+                    return Err(TlsError::Setup);
+                }
+            }
+            let flags = (NGX_SSL_BUFFER | NGX_SSL_CLIENT) as ngx::ffi::ngx_uint_t;
+            if ngx_ssl_create_connection(ssl, c, flags) != NGX_OK as isize {
+                return Err(TlsError::Setup);
+            }
+            if let Some(name) = sni {
+                // SSL_set_tlsext_host_name is a macro over SSL_ctrl.
+                ngx::ffi::SSL_ctrl(
+                    (*(*c).ssl).connection,
+                    ngx::ffi::SSL_CTRL_SET_TLSEXT_HOSTNAME as _,
+                    ngx::ffi::TLSEXT_NAMETYPE_host_name as _,
+                    name.as_ptr().cast_mut().cast(),
+                );
+            }
+            match ngx_ssl_handshake(c) {
+                rc if rc == NGX_AGAIN as isize => {
+                    (*(*c).ssl).handler = done;
+                    self.state = State::Handshaking;
+                    Ok(State::Handshaking)
+                }
+                rc if rc == NGX_OK as isize => Ok(State::Up),
+                _ => Err(TlsError::Handshake),
+            }
+        }
+    }
+
+    /// After the handshake: checks that it succeeded, and (with `verify`)
+    /// that the certificate chains to the trusted ones and is for `name`;
+    /// then gives the connection's events back to the link.
+    pub fn finish_tls(&mut self, verify: bool, name: &[u8]) -> Result<(), TlsError> {
+        let c = self.connection().ok_or(TlsError::Handshake)?;
+        // SAFETY: c is live; start_tls gave it an SSL connection.
+        unsafe {
+            if (*(*c).read).timedout() != 0 {
+                return Err(TlsError::TimedOut);
+            }
+            let ssl = (*c).ssl;
+            if ssl.is_null() || (*ssl).handshaked() == 0 {
+                return Err(TlsError::Handshake);
+            }
+            if verify {
+                let rc = ngx::ffi::SSL_get_verify_result((*ssl).connection);
+                if rc != ngx::ffi::X509_V_OK as _ {
+                    let why = CStr::from_ptr(ngx::ffi::X509_verify_cert_error_string(rc));
+                    return Err(TlsError::Certificate(why.to_string_lossy().into_owned()));
+                }
+                let mut name = ngx_str_t {
+                    len: name.len(),
+                    data: name.as_ptr().cast_mut(),
+                };
+                if ngx_ssl_check_host(c, &mut name) != NGX_OK as isize {
+                    return Err(TlsError::Name);
+                }
+            }
+            (*(*c).read).handler = self.handlers.0;
+            (*(*c).write).handler = self.handlers.1;
+            if (*(*c).read).timer_set() != 0 {
+                ngx::ffi::ngx_del_timer((*c).read);
+            }
+        }
+        self.state = State::Up;
+        Ok(())
     }
 
     /// Appends what the socket has to `inbuf`, at most `budget` bytes. When
@@ -208,9 +332,20 @@ impl PeerConn {
     /// Closes the socket (if any) and forgets unsent bytes that belonged to it.
     pub fn close(&mut self) {
         if let Some(c) = self.connection() {
-            // SAFETY: c is live and owned by us; nginx removes its events and
-            // timers from every queue.
-            unsafe { ngx_close_connection(c) };
+            // SAFETY: c is live and owned by us; nginx frees the TLS state
+            // (sending close_notify without waiting for the peer's), then
+            // removes the connection's events and timers from every queue.
+            unsafe {
+                if !(*c).ssl.is_null() {
+                    (*(*c).ssl).set_no_wait_shutdown(1);
+                    ngx_ssl_shutdown(c);
+                }
+                let pool = (*c).pool;
+                ngx_close_connection(c);
+                if !pool.is_null() {
+                    ngx_destroy_pool(pool);
+                }
+            }
             self.pc.connection = ptr::null_mut();
         }
         self.state = State::Down;

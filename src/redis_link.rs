@@ -11,12 +11,14 @@
 //! until then, so that local members see what was sent during the outage.
 
 use core::ffi::c_void;
+use core::ptr;
 use std::collections::{HashMap, VecDeque};
+use std::ffi::CString;
 use std::rc::Rc;
 
 use ngx::ffi::{
-    ngx_current_msec, ngx_event_handler_pt, ngx_event_t, ngx_log_t, ngx_msec_t, NGX_LOG_ERR,
-    NGX_LOG_INFO, NGX_LOG_WARN,
+    ngx_connection_handler_pt, ngx_current_msec, ngx_event_handler_pt, ngx_event_t, ngx_log_t,
+    ngx_msec_t, ngx_ssl_t, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 use redis::Value;
@@ -70,6 +72,8 @@ pub enum Wake {
     Timer,
     Retry,
     Tick,
+    /// A TLS handshake has ended (done, failed or timed out).
+    Tls,
 }
 
 /// The event handlers nginx is to call for a link's connections, indexed by
@@ -78,6 +82,8 @@ pub struct Handlers {
     pub read: [ngx_event_handler_pt; 2],
     pub write: [ngx_event_handler_pt; 2],
     pub retry: [ngx_event_handler_pt; 2],
+    /// Called when a TLS handshake ends; `c->data` is the token.
+    pub tls: [ngx_connection_handler_pt; 2],
     /// The rooms layer's clock; its `data` is the token.
     pub tick: ngx_event_handler_pt,
 }
@@ -91,8 +97,9 @@ pub enum Event {
     /// Redis refused to subscribe the channel (e.g. an ACL); the link has
     /// logged why and forgotten the channel.
     SubscribeRefused(Box<str>),
-    /// Redis refused a PUBLISH (the link has logged why).
-    PublishRefused(Tag),
+    /// Redis refused a PUBLISH or a script run for `tag`, in these words
+    /// (for the rooms layer to log, with whose message it was).
+    PublishRefused { tag: Tag, error: String },
     /// The reply to a script `call`; `None` if the connection dropped
     /// before it came.
     Replied { call: Call, reply: Option<Value> },
@@ -314,6 +321,36 @@ pub struct Link {
     tick: ngx_event_t,
     /// The backlog as last reported to the instance's numbers.
     reported_backlog: i64,
+    /// For `rediss://`: how connections are secured.
+    tls: Option<Tls>,
+}
+
+/// A `rediss://` endpoint's TLS settings, as its connections use them.
+struct Tls {
+    ssl: ptr::NonNull<ngx_ssl_t>,
+    verify: bool,
+    /// The name the certificate must be for.
+    name: Box<[u8]>,
+    /// Sent as SNI: the name, unless it is an address (RFC 6066 allows
+    /// host names only).
+    sni: Option<CString>,
+}
+
+impl Tls {
+    fn new(endpoint: &Endpoint, main: &MainConf) -> Option<Tls> {
+        if !endpoint.addr.tls {
+            return None;
+        }
+        let name = main.tls.name_for(&endpoint.addr);
+        Some(Tls {
+            ssl: main.tls.ssl?,
+            verify: main.tls.verify(),
+            name: name.as_bytes().into(),
+            sni: (name.parse::<std::net::IpAddr>().is_err())
+                .then(|| CString::new(name).ok())
+                .flatten(),
+        })
+    }
 }
 
 fn packed(args: &[&[u8]]) -> Rc<[u8]> {
@@ -373,6 +410,7 @@ impl Link {
             // fills in what nginx needs.
             tick: unsafe { core::mem::zeroed() },
             reported_backlog: 0,
+            tls: Tls::new(endpoint, main),
         })
     }
 
@@ -383,6 +421,11 @@ impl Link {
     }
 
     /// The worker's log, for lines about what the link carries.
+    /// The address as logs show it (password masked).
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
     pub fn log(&self) -> *mut ngx_log_t {
         self.log
     }
@@ -431,9 +474,40 @@ impl Link {
         // SAFETY: a Link is boxed by the worker and never moves while its
         // connections exist; the handlers find it again by token.
         match unsafe { self.conn(role).peer.connect(data, read, write) } {
-            State::Up => self.on_up(role),
-            State::Connecting => self.conn(role).peer.arm_timer(timeout),
+            State::Up => self.connected(role),
+            State::Connecting | State::Handshaking => self.conn(role).peer.arm_timer(timeout),
             State::Down => self.on_down(role, "connect failed"),
+        }
+    }
+
+    /// The socket is connected: up, once TLS (if any) is.
+    fn connected(&mut self, role: Role) {
+        let Some(tls) = &self.tls else {
+            return self.on_up(role);
+        };
+        let (ssl, sni) = (tls.ssl, tls.sni.clone());
+        let (done, timeout) = (self.handlers.tls[role as usize], self.timeout);
+        // SAFETY: the context lives in the configuration's pool, which
+        // outlives the worker's connections.
+        match unsafe {
+            self.conn(role)
+                .peer
+                .start_tls(ssl.as_ptr(), sni.as_deref(), done)
+        } {
+            Ok(State::Handshaking) => self.conn(role).peer.arm_timer(timeout),
+            Ok(_) => self.tls_done(role),
+            Err(e) => self.on_down(role, &e.to_string()),
+        }
+    }
+
+    fn tls_done(&mut self, role: Role) {
+        let Some(tls) = &self.tls else {
+            return;
+        };
+        let (verify, name) = (tls.verify, tls.name.clone());
+        match self.conn(role).peer.finish_tls(verify, &name) {
+            Ok(()) => self.on_up(role),
+            Err(e) => self.on_down(role, &e.to_string()),
         }
     }
 
@@ -772,6 +846,11 @@ impl Link {
                 unsafe { ngx::ffi::ngx_add_timer(&mut self.tick, TICK_MS) };
             }
             Wake::Retry => self.connect(role),
+            Wake::Tls => {
+                if self.conn(role).peer.state == State::Handshaking {
+                    self.tls_done(role);
+                }
+            }
             Wake::Timer => self.on_timer(role),
             Wake::Write => self.on_writable(role),
             Wake::Read => {
@@ -898,8 +977,10 @@ impl Link {
                 reply: Some(reply),
             }),
             (Some(Pending::Publish(tag)), Value::ServerError(err)) => {
-                self.log_refusal("a PUBLISH", &err);
-                self.events.push(Event::PublishRefused(tag));
+                self.events.push(Event::PublishRefused {
+                    tag,
+                    error: error_text(&err),
+                });
             }
             (_, Value::ServerError(err)) => self.log_refusal("a command", &err),
             _ => {}
@@ -1024,7 +1105,7 @@ impl Link {
                 return;
             }
             conn.peer.state = State::Up;
-            self.on_up(role);
+            self.connected(role);
             return;
         }
         self.flush(role);
@@ -1038,6 +1119,7 @@ impl Link {
         let conn = self.conn(role);
         match conn.peer.state {
             State::Connecting => return self.on_down(role, "connect timed out"),
+            State::Handshaking => return self.on_down(role, "TLS handshake timed out"),
             State::Down => return,
             State::Up => {}
         }

@@ -448,14 +448,34 @@ impl Rooms {
                     }
                 }
             }
-            Event::PublishRefused(tag) => {
-                let sender = Key::from_raw(tag).and_then(|k| sessions.get_mut(k));
-                if let Some(s) = sender {
-                    s.notify(
-                        Status::Error,
-                        "publish_refused",
-                        "message not sent: Redis refused it",
-                    );
+            Event::PublishRefused { tag, error } => {
+                match Key::from_raw(tag).and_then(|k| sessions.get_mut(k)) {
+                    Some(s) => {
+                        ngx_log_error!(
+                            NGX_LOG_ERR,
+                            s.log(),
+                            "websocket_chat: Redis {} refused the message of \"{}\" in \"{}\" (channel {}): {}",
+                            self.link.display(),
+                            s.user(),
+                            s.room(),
+                            s.channel(),
+                            error
+                        );
+                        s.notify(
+                            Status::Error,
+                            "publish_refused",
+                            "message not sent: Redis refused it",
+                        );
+                    }
+                    None => {
+                        ngx_log_error!(
+                            NGX_LOG_ERR,
+                            self.link.log(),
+                            "websocket_chat: Redis {} refused a command: {}",
+                            self.link.display(),
+                            error
+                        );
+                    }
                 }
             }
             Event::Replied { call, reply } => self.replied(sessions, call, reply.as_ref()),
@@ -498,6 +518,25 @@ impl Rooms {
                 self.publish_early(s, early);
             }
             (Script::Fetch, None) => self.end_recovery(sessions, &call.channel, reply),
+            (Script::Join | Script::Leave | Script::Renew, _)
+                if matches!(reply, Some(Value::ServerError(_))) =>
+            {
+                if let Some(Value::ServerError(err)) = reply {
+                    ngx_log_error!(
+                        NGX_LOG_ERR,
+                        self.link.log(),
+                        "websocket_chat: Redis {} refused the member list update of {}: {}",
+                        self.link.display(),
+                        call.channel,
+                        redis_link::error_text(err)
+                    );
+                }
+                if script != Script::Renew {
+                    if let Some(room) = self.rooms.get_mut(&*call.channel) {
+                        room.awaiting.pop_front();
+                    }
+                }
+            }
             (Script::Join | Script::Leave, key) => {
                 let Some(room) = self.rooms.get_mut(&*call.channel) else {
                     return;

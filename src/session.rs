@@ -1017,7 +1017,8 @@ impl Session {
         metrics::adjust(Gauge::Connections, -1);
     }
 
-    fn log(&self) -> *mut ngx::ffi::ngx_log_t {
+    /// The connection's log: its lines carry the client's address.
+    pub fn log(&self) -> *mut ngx::ffi::ngx_log_t {
         // SAFETY: c is live while the session is.
         unsafe { (*self.c).log }
     }

@@ -166,6 +166,7 @@ static LINK_HANDLERS: Handlers = Handlers {
     read: [Some(link_read::<true>), Some(link_read::<false>)],
     write: [Some(link_write::<true>), Some(link_write::<false>)],
     retry: [Some(link_retry::<true>), Some(link_retry::<false>)],
+    tls: [Some(link_tls::<true>), Some(link_tls::<false>)],
     tick: Some(link_tick),
 };
 
@@ -389,6 +390,12 @@ unsafe extern "C" fn link_retry<const SUB: bool>(ev: *mut ngx_event_t) {
     // SAFETY: arm_retry stored the link's token in the timer's data.
     let token = unsafe { (*ev).data as usize };
     with(|w| w.link_wake(token, role(SUB), Wake::Retry));
+}
+
+unsafe extern "C" fn link_tls<const SUB: bool>(c: *mut ngx_connection_t) {
+    // SAFETY: the Link stored its token in c->data when connecting.
+    let token = unsafe { (*c).data as usize };
+    with(|w| w.link_wake(token, role(SUB), Wake::Tls));
 }
 
 unsafe extern "C" fn link_tick(ev: *mut ngx_event_t) {

@@ -22,6 +22,8 @@ pub struct RedisAddr {
     pub username: Option<String>,
     pub password: Option<String>,
     pub db: Option<u32>,
+    /// `rediss://`: the connection is TLS.
+    pub tls: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -43,7 +45,7 @@ impl fmt::Display for AddrError {
             AddrError::BadDb => "invalid database number in Redis address",
             AddrError::BadUnixPath => "Redis unix socket path must be absolute",
             AddrError::BadScheme => {
-                "unsupported scheme in Redis address (only redis:// is accepted)"
+                "unsupported scheme in Redis address (only redis:// and rediss:// are accepted)"
             }
             AddrError::BadHost => "invalid host in Redis address",
             AddrError::BadEscape => "invalid percent-escape in Redis address credentials",
@@ -59,7 +61,9 @@ pub fn parse(s: &str) -> Result<RedisAddr, AddrError> {
     }
     if let Some((scheme, rest)) = s.split_once("://") {
         return if scheme.eq_ignore_ascii_case("redis") {
-            parse_url(rest)
+            parse_url(rest, false)
+        } else if scheme.eq_ignore_ascii_case("rediss") {
+            parse_url(rest, true)
         } else {
             Err(AddrError::BadScheme)
         };
@@ -73,6 +77,7 @@ pub fn parse(s: &str) -> Result<RedisAddr, AddrError> {
         username: None,
         password: None,
         db: None,
+        tls: false,
     })
 }
 
@@ -83,6 +88,15 @@ impl RedisAddr {
             Target::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
             Target::Tcp { host, port } => format!("{host}:{port}"),
             Target::Unix(path) => format!("unix:{path}"),
+        }
+    }
+
+    /// The host name a TLS connection checks the certificate against (and
+    /// sends as SNI).
+    pub fn host(&self) -> Option<&str> {
+        match &self.target {
+            Target::Tcp { host, .. } => Some(host),
+            Target::Unix(_) => None,
         }
     }
 
@@ -112,10 +126,10 @@ impl RedisAddr {
 /// Meant for logs, so the password is masked.
 impl fmt::Display for RedisAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.username.is_none() && self.password.is_none() && self.db.is_none() {
+        if self.username.is_none() && self.password.is_none() && self.db.is_none() && !self.tls {
             return f.write_str(&self.endpoint());
         }
-        f.write_str("redis://")?;
+        f.write_str(if self.tls { "rediss://" } else { "redis://" })?;
         if let Some(user) = &self.username {
             f.write_str(user)?;
         }
@@ -133,7 +147,7 @@ impl fmt::Display for RedisAddr {
     }
 }
 
-fn parse_url(rest: &str) -> Result<RedisAddr, AddrError> {
+fn parse_url(rest: &str, tls: bool) -> Result<RedisAddr, AddrError> {
     let (authority, path) = match rest.split_once('/') {
         Some((a, p)) => (a, Some(p)),
         None => (rest, None),
@@ -160,6 +174,7 @@ fn parse_url(rest: &str) -> Result<RedisAddr, AddrError> {
         username,
         password,
         db,
+        tls,
     })
 }
 
@@ -276,6 +291,7 @@ mod tests {
             username: None,
             password: None,
             db: None,
+            tls: false,
         }
     }
 
@@ -304,6 +320,7 @@ mod tests {
                 username: Some("u@x".into()),
                 password: Some("p:w".into()),
                 db: Some(15),
+                tls: false,
             })
         );
         let a = parse("redis://:s3cret@h").unwrap();
@@ -313,6 +330,18 @@ mod tests {
         let a = parse("redis://:a@b@h:1").unwrap();
         assert_eq!(a.password.as_deref(), Some("a@b"));
         assert_eq!(a.target, tcp("h", 1));
+    }
+
+    #[test]
+    fn tls_urls() {
+        let a = parse("rediss://:pw@redis.example.com:6380/2").unwrap();
+        assert!(a.tls);
+        assert_eq!(a.target, tcp("redis.example.com", 6380));
+        assert_eq!(a.host(), Some("redis.example.com"));
+        assert_eq!(a.to_string(), "rediss://:***@redis.example.com:6380/2");
+        assert_eq!(parse("REDISS://h").unwrap().to_string(), "rediss://h:6379");
+        assert!(!parse("redis://h").unwrap().tls);
+        assert_ne!(parse("rediss://h"), parse("redis://h"));
     }
 
     #[test]
@@ -332,7 +361,6 @@ mod tests {
             ("unix:", AddrError::BadUnixPath),
             ("unix:run/redis.sock", AddrError::BadUnixPath),
             ("redis+unix:///tmp/r.sock", AddrError::BadScheme),
-            ("rediss://h", AddrError::BadScheme),
             ("http://h", AddrError::BadScheme),
             (":6379", AddrError::BadHost),
             ("redis://", AddrError::BadHost),
