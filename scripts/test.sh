@@ -12,7 +12,7 @@ cd "$WSCHAT_ROOT"
 # Perl: core modules plus IO::Socket::SSL (wss test); chromium drives the
 # page test.
 ensure_packages "${WSCHAT_BUILD_PACKAGES[@]}" "${WSCHAT_RUN_PACKAGES[@]}" \
-    perl libio-socket-ssl-perl openssl chromium fonts-noto-color-emoji
+    perl libio-socket-ssl-perl openssl chromium fonts-noto-color-emoji iproute2
 
 cargo build --release --locked
 cargo test --release --locked --workspace
