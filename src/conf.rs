@@ -69,6 +69,10 @@ pub struct MainConf {
     /// connections load the scripts.
     pub uses_scripts: bool,
     pub tls: TlsConf,
+    /// nginx's `resolver` at http level, if one is configured: Redis host
+    /// names are looked up again through it before each reconnect.
+    pub resolver: Option<ptr::NonNull<ngx::ffi::ngx_resolver_t>>,
+    pub resolver_timeout: ngx_msec_t,
 }
 
 /// `websocket_chat_redis_ssl_*`: how `rediss://` endpoints are spoken to.
@@ -927,6 +931,14 @@ pub extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx::ffi::ngx_int_t 
     let Some(main) = Module::main_conf_mut(unsafe { &*cf }) else {
         return NGX_OK as ngx::ffi::ngx_int_t;
     };
+    // SAFETY: at postconfiguration cf->ctx is the http block's, merged.
+    if let Some(clcf) = NgxHttpCoreModule::location_conf(unsafe { &*cf }) {
+        // nginx gives every level a resolver; one without servers is none.
+        main.resolver = ptr::NonNull::new(clcf.resolver)
+            // SAFETY: a resolver nginx made for the configuration.
+            .filter(|r| unsafe { r.as_ref() }.connections.nelts > 0);
+        main.resolver_timeout = clcf.resolver_timeout;
+    }
     if !main.endpoints.iter().any(|e| e.addr.tls) {
         return NGX_OK as ngx::ffi::ngx_int_t;
     }

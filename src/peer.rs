@@ -4,9 +4,11 @@
 //! This is the thin FFI layer; what the bytes mean is `redis_link`'s
 //! business.
 
+use core::cell::Cell;
 use core::ffi::{c_int, c_void, CStr};
 use core::{mem, ptr};
 use std::io;
+use std::rc::Rc;
 
 use ngx::ffi::{
     ngx_close_connection, ngx_connection_handler_pt, ngx_connection_t, ngx_create_pool,
@@ -14,6 +16,11 @@ use ngx::ffi::{
     ngx_event_t, ngx_handle_read_event, ngx_handle_write_event, ngx_log_t, ngx_peer_connection_t,
     ngx_ssl_check_host, ngx_ssl_create_connection, ngx_ssl_handshake, ngx_ssl_shutdown, ngx_ssl_t,
     ngx_str_t, sockaddr, NGX_AGAIN, NGX_OK, NGX_SSL_BUFFER, NGX_SSL_CLIENT,
+};
+
+use ngx::ffi::{
+    ngx_int_t, ngx_resolve_name, ngx_resolve_name_done, ngx_resolve_start, ngx_resolver_ctx_t,
+    ngx_resolver_strerror, ngx_resolver_t,
 };
 
 use crate::send_queue::{FlushTo, Flushed, Limit, SendFailed, SendQueue};
@@ -80,6 +87,45 @@ pub struct PeerConn {
     /// The handlers given to `connect`, put back after a TLS handshake
     /// (which borrows the connection's events meanwhile).
     handlers: (ngx_event_handler_pt, ngx_event_handler_pt),
+    /// Where a name lookup through nginx's resolver reports (shared with
+    /// the resolver's callback, hence cells).
+    lookup: Rc<Lookup>,
+}
+
+/// A name lookup in flight or just ended.
+pub struct Lookup {
+    ctx: Cell<*mut ngx_resolver_ctx_t>,
+    /// The address found (port filled in), or the resolver's error.
+    result: Cell<Option<Result<Box<[u8]>, ngx_int_t>>>,
+    /// Set while `ngx_resolve_name` runs: an answer from the resolver's
+    /// cache comes back inside that call, not as an event.
+    in_call: Cell<bool>,
+    /// Posted when the answer comes later: the link's reconnect event.
+    wake: Cell<*mut ngx_event_t>,
+    port: Cell<u16>,
+}
+
+impl Default for Lookup {
+    fn default() -> Self {
+        Lookup {
+            ctx: Cell::new(ptr::null_mut()),
+            result: Cell::new(None),
+            in_call: Cell::new(false),
+            wake: Cell::new(ptr::null_mut()),
+            port: Cell::new(0),
+        }
+    }
+}
+
+/// How a lookup went.
+pub enum Resolved {
+    /// The connection will be woken (its reconnect event) once the answer
+    /// is in.
+    Pending,
+    /// The address to connect to is now the one found.
+    Found,
+    /// The resolver failed, in its words: the old address is kept.
+    Failed(String),
 }
 
 impl PeerConn {
@@ -100,7 +146,87 @@ impl PeerConn {
             // fills in what nginx needs before it is used.
             retry: unsafe { mem::zeroed() },
             handlers: (None, None),
+            lookup: Rc::default(),
         }
+    }
+
+    /// Looks `host` up through nginx's resolver before the next connect
+    /// (a managed Redis changes address on failover).
+    ///
+    /// # Safety
+    /// `resolver` must be nginx's, alive as long as the worker; `host` must
+    /// stay in place until the lookup ends (the worker's configuration).
+    pub unsafe fn resolve(
+        &mut self,
+        resolver: *mut ngx_resolver_t,
+        host: &'static [u8],
+        port: u16,
+        timeout: ngx::ffi::ngx_msec_t,
+    ) -> Resolved {
+        let answer = self.take_lookup();
+        if !matches!(answer, Resolved::Pending) || !self.lookup.ctx.get().is_null() {
+            return answer;
+        }
+        // SAFETY: as the caller promises; a start of NULL or -1 (no
+        // resolver) means none was made.
+        unsafe {
+            let ctx = ngx_resolve_start(resolver, ptr::null_mut());
+            if ctx.is_null() || ctx as isize == -1 {
+                return Resolved::Failed("no resolver".into());
+            }
+            (*ctx).name = ngx_str_t {
+                len: host.len(),
+                data: host.as_ptr().cast_mut(),
+            };
+            (*ctx).handler = Some(lookup_done);
+            (*ctx).data = Rc::as_ptr(&self.lookup).cast_mut().cast();
+            (*ctx).timeout = timeout;
+            self.lookup.ctx.set(ctx);
+            self.lookup.port.set(port);
+            self.lookup.wake.set(&mut self.retry);
+            self.lookup.in_call.set(true);
+            let rc = ngx_resolve_name(ctx);
+            self.lookup.in_call.set(false);
+            if rc != NGX_OK as isize {
+                // nginx has freed the context.
+                self.lookup.ctx.set(ptr::null_mut());
+                return Resolved::Failed("resolver error".into());
+            }
+        }
+        self.take_lookup()
+    }
+
+    /// What the last lookup found, if it has ended.
+    pub fn take_lookup(&mut self) -> Resolved {
+        match self.lookup.result.take() {
+            None => Resolved::Pending,
+            Some(Ok(addr)) => {
+                self.sockaddr = addr;
+                Resolved::Found
+            }
+            Some(Err(state)) => {
+                // SAFETY: nginx returns a static message for any state.
+                let why = unsafe { CStr::from_ptr(ngx_resolver_strerror(state)) };
+                Resolved::Failed(why.to_string_lossy().into_owned())
+            }
+        }
+    }
+
+    /// The address connections go to now, as a log shows it.
+    pub fn address(&self) -> String {
+        let mut text = [0u8; 128];
+        // SAFETY: sockaddr holds a socket address of its length; nginx writes
+        // at most text.len() bytes.
+        let n = unsafe {
+            ngx::ffi::ngx_sock_ntop(
+                self.sockaddr.as_ptr().cast_mut().cast(),
+                self.sockaddr.len() as _,
+                text.as_mut_ptr(),
+                text.len(),
+                1,
+            )
+        };
+        String::from_utf8_lossy(&text[..n]).into_owned()
     }
 
     fn connection(&self) -> Option<*mut ngx_connection_t> {
@@ -393,8 +519,41 @@ impl PeerConn {
     }
 }
 
+/// The resolver's callback: keeps the first address found (or the
+/// error), and wakes the connection unless it is still inside the call.
+unsafe extern "C" fn lookup_done(ctx: *mut ngx_resolver_ctx_t) {
+    // SAFETY: resolve() set data to the Lookup, which the PeerConn keeps
+    // alive until the context is done (Drop cancels it).
+    unsafe {
+        let lookup = &*(*ctx).data.cast::<Lookup>();
+        let result = if (*ctx).state == 0 && (*ctx).naddrs > 0 {
+            let a = &*(*ctx).addrs;
+            let mut addr: Box<[u8]> =
+                std::slice::from_raw_parts(a.sockaddr.cast::<u8>(), a.socklen as usize).into();
+            ngx::ffi::ngx_inet_set_port(addr.as_mut_ptr().cast(), lookup.port.get());
+            Ok(addr)
+        } else {
+            Err((*ctx).state)
+        };
+        lookup.result.set(Some(result));
+        lookup.ctx.set(ptr::null_mut());
+        ngx_resolve_name_done(ctx);
+        if !lookup.in_call.get() {
+            ngx::ffi::ngx_post_event(
+                lookup.wake.get(),
+                ptr::addr_of_mut!(ngx::ffi::ngx_posted_events),
+            );
+        }
+    }
+}
+
 impl Drop for PeerConn {
     fn drop(&mut self) {
+        let ctx = self.lookup.ctx.replace(ptr::null_mut());
+        if !ctx.is_null() {
+            // SAFETY: a lookup still in flight: nginx forgets it.
+            unsafe { ngx_resolve_name_done(ctx) };
+        }
         if self.retry.timer_set() != 0 {
             // SAFETY: the timer was armed by arm_retry on this very event.
             unsafe { ngx::ffi::ngx_del_timer(&mut self.retry) };

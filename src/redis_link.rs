@@ -18,19 +18,20 @@ use std::rc::Rc;
 
 use ngx::ffi::{
     ngx_connection_handler_pt, ngx_current_msec, ngx_event_handler_pt, ngx_event_t, ngx_log_t,
-    ngx_msec_t, ngx_ssl_t, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_WARN,
+    ngx_msec_t, ngx_resolver_t, ngx_ssl_t, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN,
 };
 use ngx::ngx_log_error;
 use redis::Value;
 use wschat_core::backoff::Backoff;
 use wschat_core::history::Request;
+use wschat_core::redis_addr::Target;
 use wschat_core::resp::{self, Limits};
 use wschat_core::{envelope, history, presence};
 
 use crate::conf::{Endpoint, MainConf};
 use crate::ids;
 use crate::metrics::{self, Counter, Gauge};
-use crate::peer::{PeerConn, ReadOutcome, State};
+use crate::peer::{PeerConn, ReadOutcome, Resolved, State};
 
 /// What the link accepts from Redis: nothing larger than a chat message can
 /// legitimately arrive, and no array longer than a history fetch (at most
@@ -323,6 +324,8 @@ pub struct Link {
     reported_backlog: i64,
     /// For `rediss://`: how connections are secured.
     tls: Option<Tls>,
+    /// nginx's resolver, for a host name looked up again on reconnects.
+    resolver: Option<(ptr::NonNull<ngx_resolver_t>, ngx_msec_t)>,
 }
 
 /// A `rediss://` endpoint's TLS settings, as its connections use them.
@@ -411,6 +414,7 @@ impl Link {
             tick: unsafe { core::mem::zeroed() },
             reported_backlog: 0,
             tls: Tls::new(endpoint, main),
+            resolver: main.resolver.map(|r| (r, main.resolver_timeout)),
         })
     }
 
@@ -465,7 +469,57 @@ impl Link {
         }
     }
 
+    /// Before a reconnect to a host name with nginx's `resolver` set: the
+    /// name's address now (a managed Redis moves on failover). False while
+    /// the answer is awaited (the reconnect event comes again with it).
+    fn lookup(&mut self, role: Role) -> bool {
+        let (Some((resolver, timeout)), Target::Tcp { host, port }) =
+            (self.resolver, &self.endpoint.addr.target)
+        else {
+            return true;
+        };
+        if host.parse::<std::net::IpAddr>().is_ok() || self.conn(role).reported.is_none() {
+            return true;
+        }
+        let before = self.conn(role).peer.address();
+        // SAFETY: nginx's resolver lives as long as the worker; the host is
+        // in the configuration.
+        let found = unsafe {
+            (self.conn(role).peer).resolve(resolver.as_ptr(), host.as_bytes(), *port, timeout)
+        };
+        match found {
+            Resolved::Pending => return false,
+            Resolved::Found => {
+                let now = self.conn(role).peer.address();
+                if now != before {
+                    ngx_log_error!(
+                        NGX_LOG_NOTICE,
+                        self.log,
+                        "websocket_chat: Redis {} is now at {} (was {})",
+                        self.display,
+                        now,
+                        before
+                    );
+                }
+            }
+            Resolved::Failed(why) => {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    self.log,
+                    "websocket_chat: could not resolve Redis {} ({}); trying {} again",
+                    self.display,
+                    why,
+                    before
+                );
+            }
+        }
+        true
+    }
+
     fn connect(&mut self, role: Role) {
+        if !self.lookup(role) {
+            return;
+        }
         let (data, timeout) = (self.data(), self.timeout);
         let (read, write) = (
             self.handlers.read[role as usize],
