@@ -318,10 +318,12 @@ impl PeerConn {
                     name.as_ptr().cast_mut().cast(),
                 );
             }
+            // Not up until the certificate is checked (`finish_tls`), even
+            // when the handshake ends in this call.
+            self.state = State::Handshaking;
             match ngx_ssl_handshake(c) {
                 rc if rc == NGX_AGAIN as isize => {
                     (*(*c).ssl).handler = done;
-                    self.state = State::Handshaking;
                     Ok(State::Handshaking)
                 }
                 rc if rc == NGX_OK as isize => Ok(State::Up),
