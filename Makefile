@@ -1,5 +1,5 @@
 # Entry points; each target is a script under scripts/ that also works alone.
-.PHONY: build check test demo demo-stop
+.PHONY: build check test demo demo-stop deb
 
 build:
 	cargo build --release
@@ -15,3 +15,6 @@ demo:
 
 demo-stop:
 	scripts/demo.sh stop
+
+deb:
+	scripts/package-deb.sh

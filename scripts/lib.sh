@@ -9,6 +9,10 @@ WSCHAT_ROOT="${WSCHAT_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 # System packages the build and the demo need (Debian names).
 WSCHAT_BUILD_PACKAGES=(build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib1g-dev)
 WSCHAT_RUN_PACKAGES=(redis-server)
+# Debian's nginx and what its modules are packaged with (nginx-dev brings
+# debhelper): scripts/package-deb.sh needs them, scripts/test-debian.sh
+# installs them.
+WSCHAT_DEBIAN_PACKAGES=(nginx nginx-dev dpkg-dev)
 
 log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 

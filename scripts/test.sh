@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs (Debian, as root), builds the
 # module and its matching nginx, runs the unit tests and then t/ against real
-# nginx and redis-server processes.
+# nginx and redis-server processes; then, as root, scripts/test-debian.sh
+# (the module packaged for Debian's nginx, tested on it and installed).
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh t/close.t  only the named .t files (after the unit tests)
@@ -23,4 +24,10 @@ if [ "$#" -gt 0 ]; then
     prove -j2 "$@"
 else
     prove -j2 t/
+    # The module packaged for, installed into and tested on Debian's own nginx.
+    if [ "$(id -u)" -eq 0 ]; then
+        scripts/test-debian.sh
+    else
+        log "skipping scripts/test-debian.sh: it installs packages, run it as root"
+    fi
 fi
