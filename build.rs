@@ -6,6 +6,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 
 fn main() {
+    zlib_bindings();
     println!("cargo::rerun-if-env-changed=DEP_NGINX_FEATURES");
     println!("cargo::rerun-if-env-changed=DEP_NGINX_BUILD_DIR");
 
@@ -20,6 +21,22 @@ fn main() {
     if let (Ok(objs), Some(profile_dir)) = (env::var("DEP_NGINX_BUILD_DIR"), profile_dir()) {
         link_nginx_binary(Path::new(&objs), &profile_dir);
     }
+}
+
+/// permessage-deflate uses zlib, which nginx links too: bindings for the
+/// few calls it needs, from the system's zlib.h.
+fn zlib_bindings() {
+    println!("cargo::rustc-link-lib=z");
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    bindgen::Builder::default()
+        .header_contents("zlib_wrap.h", "#include <zlib.h>")
+        .allowlist_function("(deflate|inflate)(Init2_|Reset|End)?|zlibVersion")
+        .allowlist_type("z_stream")
+        .allowlist_var("Z_(OK|STREAM_END|BUF_ERROR|SYNC_FLUSH|FINISH|NO_FLUSH|DEFLATED|DEFAULT_STRATEGY|DEFAULT_COMPRESSION)")
+        .generate()
+        .expect("zlib.h (install zlib1g-dev)")
+        .write_to_file(out.join("zlib.rs"))
+        .expect("writing the zlib bindings");
 }
 
 /// `target/<profile>`: OUT_DIR is `target/<profile>/build/<pkg>-<hash>/out`.

@@ -8,10 +8,12 @@ use std::rc::Rc;
 
 use ngx::ffi::{ngx_connection_t, NGX_AGAIN, NGX_ERROR};
 
+use wschat_core::deflate::Unframer;
 use wschat_core::frame_guard::{FrameGuard, Violation};
 
 use crate::metrics::{self, Counter};
 use crate::send_queue::{Limit, SendQueue};
+use crate::zlib::Inflater;
 
 pub struct ClientIo {
     c: *mut ngx_connection_t,
@@ -20,15 +22,40 @@ pub struct ClientIo {
     /// A bad header seen past the bytes already handed on; reported by the
     /// next read, once tungstenite has had the good frames before it.
     violation: Option<Violation>,
+    /// With permessage-deflate: compressed messages are inflated on the way
+    /// to tungstenite, which knows no extensions.
+    inflating: Option<Box<Inflating>>,
+}
+
+/// The client's stream after inflation, not yet taken by tungstenite.
+struct Inflating {
+    unframer: Unframer,
+    out: Vec<u8>,
+    taken: usize,
 }
 
 impl ClientIo {
-    pub fn new(c: *mut ngx_connection_t, send_limit: Limit, max_message: usize) -> Self {
+    pub fn new(
+        c: *mut ngx_connection_t,
+        send_limit: Limit,
+        max_message: usize,
+        deflate: bool,
+    ) -> Self {
+        let mut guard = FrameGuard::new(max_message as u64);
+        let inflating = deflate.then(|| {
+            guard.allow_compression();
+            Box::new(Inflating {
+                unframer: Unframer::new(max_message),
+                out: Vec::new(),
+                taken: 0,
+            })
+        });
         ClientIo {
             c,
             queue: SendQueue::new(send_limit),
-            guard: FrameGuard::new(max_message as u64),
+            guard,
             violation: None,
+            inflating,
         }
     }
 
@@ -38,7 +65,15 @@ impl ClientIo {
         let (ok, violation) = self.guard.scan(&preread);
         preread.truncate(ok);
         self.violation = violation;
-        preread
+        match &mut self.inflating {
+            Some(inf) => {
+                if let Err(v) = inf.unframer.feed(&preread, &mut inf.out, &mut Inflater) {
+                    self.violation = Some(v);
+                }
+                std::mem::take(&mut inf.out)
+            }
+            None => preread,
+        }
     }
 }
 
@@ -92,8 +127,49 @@ impl ClientIo {
     }
 }
 
+impl ClientIo {
+    /// A read for a connection with permessage-deflate: from what has been
+    /// inflated, reading the socket when that is used up.
+    fn read_inflated(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some(inf) = &mut self.inflating {
+                let ready = &inf.out[inf.taken..];
+                if !ready.is_empty() {
+                    let n = ready.len().min(buf.len());
+                    buf[..n].copy_from_slice(&ready[..n]);
+                    inf.taken += n;
+                    if inf.taken == inf.out.len() {
+                        // Freed, not kept: an idle connection holds no
+                        // buffer sized by its last message.
+                        inf.out = Vec::new();
+                        inf.taken = 0;
+                    }
+                    return Ok(n);
+                }
+            }
+            if let Some(v) = self.violation {
+                return Err(io::Error::other(v));
+            }
+            let n = self.recv(buf)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            let (ok, violation) = self.guard.scan(&buf[..n]);
+            self.violation = violation;
+            if let Some(inf) = &mut self.inflating {
+                if let Err(v) = inf.unframer.feed(&buf[..ok], &mut inf.out, &mut Inflater) {
+                    self.violation = Some(v);
+                }
+            }
+        }
+    }
+}
+
 impl Read for ClientIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.inflating.is_some() {
+            return self.read_inflated(buf);
+        }
         if let Some(v) = self.violation {
             return Err(io::Error::other(v));
         }

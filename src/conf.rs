@@ -163,6 +163,7 @@ pub struct LocConf {
     origins: Option<Origins>,
     presence: Option<bool>,
     access_log: Option<LogAt>,
+    deflate: Option<bool>,
 }
 
 /// `websocket_chat_history number [time]`: how much of a room Redis keeps.
@@ -247,6 +248,11 @@ impl LocConf {
         self.rate.as_ref().and_then(Option::as_ref)
     }
 
+    /// Whether permessage-deflate is offered to clients that ask for it.
+    pub fn deflate(&self) -> bool {
+        self.deflate.unwrap_or(false)
+    }
+
     /// Whether members are told of joins and leaves.
     pub fn presence(&self) -> bool {
         self.presence.unwrap_or(true)
@@ -326,7 +332,7 @@ const fn location_directive(name: ngx_str_t, set: Setter) -> ngx_command_t {
     }
 }
 
-pub static mut COMMANDS: [ngx_command_t; 24] = [
+pub static mut COMMANDS: [ngx_command_t; 25] = [
     location_directive(ngx_string!("websocket_chat"), set_websocket_chat),
     location_directive(ngx_string!("websocket_chat_publish"), set_publish),
     location_directive(ngx_string!("websocket_chat_status"), set_status),
@@ -381,6 +387,11 @@ pub static mut COMMANDS: [ngx_command_t; 24] = [
         ngx_string!("websocket_chat_presence"),
         NGX_CONF_FLAG,
         set_presence,
+    ),
+    directive(
+        ngx_string!("websocket_chat_deflate"),
+        NGX_CONF_FLAG,
+        set_deflate,
     ),
     directive(
         ngx_string!("websocket_chat_access_log"),
@@ -444,6 +455,7 @@ pub extern "C" fn merge_loc_conf(
     }
     conf.history = conf.history.or(prev.history);
     conf.presence = conf.presence.or(prev.presence);
+    conf.deflate = conf.deflate.or(prev.deflate);
     let chat = conf.enabled || conf.publish;
     if (conf.enabled && conf.presence()) || (chat && conf.history().is_some()) {
         // SAFETY: merging happens inside the http block, whose main
@@ -787,6 +799,20 @@ extern "C" fn set_presence(
     conf: *mut c_void,
 ) -> *mut c_char {
     set_once(cf, &mut loc_conf_mut(conf).presence, |args| {
+        match args[0].as_bytes() {
+            b"on" => Ok(true),
+            b"off" => Ok(false),
+            _ => Err(ConfError::Invalid("invalid value (on or off)")),
+        }
+    })
+}
+
+extern "C" fn set_deflate(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).deflate, |args| {
         match args[0].as_bytes() {
             b"on" => Ok(true),
             b"off" => Ok(false),

@@ -18,6 +18,7 @@ use crate::metrics::{self, Counter, Refusal};
 use crate::request_ctx::RequestCtx;
 use crate::session::Upgrade;
 use crate::{ids, worker};
+use wschat_core::deflate::{self, Agreement};
 use wschat_core::handshake::{self, Rejection};
 use wschat_core::names;
 
@@ -86,7 +87,8 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
         return refuse(NGX_HTTP_INTERNAL_SERVER_ERROR);
     }
 
-    if let Err(rc) = send_switching_protocols(req, &accept) {
+    let deflate = lc.deflate().then(|| extensions(req)).flatten();
+    if let Err(rc) = send_switching_protocols(req, &accept, deflate.as_ref()) {
         return rc;
     }
 
@@ -104,6 +106,7 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
             user,
             since: since(req).map(|s| String::from_utf8_lossy(&s).into_owned()),
             preread,
+            deflate: deflate.map(|d| d.window_bits),
         };
         if worker::start_session(r, main, lc, upgrade).is_err() {
             // No session took the reference: give it back so that nginx's
@@ -190,7 +193,26 @@ pub fn evaluate(req: &mut ngx_http_request_t, cv: Option<&ngx_http_complex_value
     value.as_bytes().to_vec()
 }
 
-fn send_switching_protocols(req: &mut ngx_http_request_t, accept: &str) -> Result<(), ngx_int_t> {
+/// permessage-deflate, if the client offers it in a form we can honour.
+fn extensions(req: &mut ngx_http_request_t) -> Option<Agreement> {
+    // SAFETY: the request is live; Request is a transparent wrapper.
+    let request = unsafe { Request::from_ngx_http_request(req) };
+    deflate::negotiate(
+        request
+            .headers_in_iterator()
+            .filter(|(k, _)| {
+                k.as_bytes()
+                    .eq_ignore_ascii_case(b"sec-websocket-extensions")
+            })
+            .map(|(_, v)| v.as_bytes()),
+    )
+}
+
+fn send_switching_protocols(
+    req: &mut ngx_http_request_t,
+    accept: &str,
+    deflate: Option<&Agreement>,
+) -> Result<(), ngx_int_t> {
     req.headers_out.status = NGX_HTTP_SWITCHING_PROTOCOLS as usize;
     req.headers_out.status_line = static_str(b"101 Switching Protocols");
     req.set_keepalive(0);
@@ -204,6 +226,11 @@ fn send_switching_protocols(req: &mut ngx_http_request_t, accept: &str) -> Resul
         request
             .add_header_out("Sec-WebSocket-Accept", accept)
             .ok_or(NGX_ERROR as ngx_int_t)?;
+        if let Some(agreed) = deflate {
+            request
+                .add_header_out("Sec-WebSocket-Extensions", &agreed.response)
+                .ok_or(NGX_ERROR as ngx_int_t)?;
+        }
     }
     // SAFETY: the request is live.
     let rc = unsafe { ngx_http_send_header(req) };

@@ -33,6 +33,7 @@ mod status;
 mod time;
 mod variables;
 mod worker;
+mod zlib;
 
 static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     preconfiguration: Some(variables::add_variables),

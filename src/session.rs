@@ -34,7 +34,7 @@ use crate::metrics::{self, CloseKind, Counter, Gauge};
 use crate::redis_link::{BacklogFull, Link};
 use crate::request_ctx::{pool_str, RequestCtx};
 use crate::send_queue::{FlushTo, Flushed};
-use crate::{ids, time};
+use crate::{ids, time, zlib};
 
 /// tungstenite's read buffer is allocated (and zero-filled on the first
 /// read) per client and never shrinks: chat messages are small, so 512 bytes
@@ -115,6 +115,8 @@ pub struct Upgrade {
     /// Bytes the client sent right behind the handshake, already in nginx's
     /// header buffer.
     pub preread: Vec<u8>,
+    /// permessage-deflate was agreed, with this window for what we send.
+    pub deflate: Option<u8>,
 }
 
 /// Where an event stands in its room: a message's history position, or a
@@ -224,6 +226,8 @@ pub struct Session {
     messages_out: u32,
     /// How the session closed: the code and what it is counted as.
     closed: Option<(u16, CloseKind)>,
+    /// permessage-deflate's window for what the client is sent.
+    deflate: Option<u8>,
 }
 
 /// A connection to end once the worker's state is no longer borrowed:
@@ -256,6 +260,7 @@ impl Session {
             user,
             since,
             preread,
+            deflate,
         } = upgrade;
         // SAFETY: r is live (caller); so is its connection.
         let c = unsafe { (*r).connection };
@@ -277,7 +282,7 @@ impl Session {
             .write_buffer_size(0)
             .max_message_size(Some(conf.max_message()))
             .max_frame_size(Some(conf.max_message()));
-        let mut io = ClientIo::new(c, conf.send_limit(), conf.max_message());
+        let mut io = ClientIo::new(c, conf.send_limit(), conf.max_message(), deflate.is_some());
         let preread = io.admit_preread(preread);
         let ws = WebSocket::from_partially_read(io, preread, Role::Server, Some(config));
         let mut channel = String::with_capacity(conf.channel_prefix().len() + room.len());
@@ -321,6 +326,7 @@ impl Session {
             messages_in: 0,
             messages_out: 0,
             closed: None,
+            deflate,
         }
     }
 
@@ -656,6 +662,10 @@ impl Session {
         if self.closing {
             return;
         }
+        let frame = match self.deflate {
+            Some(bits) => zlib::for_deflate(&frame, bits),
+            None => frame,
+        };
         if self.ws.get_mut().queue.push(frame, time::now_ms).is_err() {
             self.pending_close = Some((close::POLICY, close::SLOW_CONSUMER));
         }

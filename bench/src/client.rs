@@ -226,10 +226,11 @@ async fn open_receiver(
     dst: SocketAddr,
     src: IpAddr,
     target: Target,
+    deflate: bool,
 ) -> Result<(Receiver, u64), String> {
     let t0 = wall_us();
     let tcp = tcp_connect(dst, src).await?;
-    let mut rx = lean::connect(tcp, url)
+    let mut rx = lean::connect(tcp, url, deflate)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     if target == Target::Module {
@@ -636,7 +637,8 @@ async fn shard_main(cfg: Config) -> i32 {
                         let (ws, us) = open(&url, dst, src, cfg.target).await?;
                         Ok((Conn::Ws(Box::new(ws)), us))
                     } else {
-                        let (rx, us) = open_receiver(&url, dst, src, cfg.target).await?;
+                        let (rx, us) =
+                            open_receiver(&url, dst, src, cfg.target, cfg.deflate).await?;
                         Ok((Conn::Lean(rx), us))
                     }
                 };

@@ -24,6 +24,7 @@ Load (default mode)
 
 Modes
   --idle                 open the connections, hold them for --duration (memory per connection)
+  --deflate              members that only receive offer permessage-deflate (and inflate)
   --storm                --clients concurrent loops of connect / welcome / send one message /
                          receive it back / close, for --duration; reports sessions per second
 
@@ -86,6 +87,8 @@ pub struct Config {
     pub server_pids: Vec<u32>,
     pub redis_pids: Vec<u32>,
     pub json: bool,
+    /// Members that only receive offer permessage-deflate.
+    pub deflate: bool,
     pub label: String,
     /// Set in child processes.
     pub shard: Option<Shard>,
@@ -118,6 +121,7 @@ impl Config {
             server_pids: Vec::new(),
             redis_pids: Vec::new(),
             json: false,
+            deflate: false,
             label: String::new(),
             shard: None,
         };
@@ -129,7 +133,10 @@ impl Config {
                 Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
                 _ => (flag, None),
             };
-            let takes_value = !matches!(name, "--idle" | "--storm" | "--json" | "--help" | "-h");
+            let takes_value = !matches!(
+                name,
+                "--idle" | "--storm" | "--json" | "--deflate" | "--help" | "-h"
+            );
             let value = if takes_value {
                 match inline {
                     Some(v) => v,
@@ -154,6 +161,7 @@ impl Config {
                     }
                 }
                 "--idle" => c.mode = Mode::Idle,
+                "--deflate" => c.deflate = true,
                 "--storm" => c.mode = Mode::Storm,
                 "--json" => c.json = true,
                 "--clients" => c.clients = num(name, &value)?,
@@ -302,6 +310,9 @@ impl Config {
             Mode::Idle => a.push("--idle".into()),
             Mode::Storm => a.push("--storm".into()),
             Mode::Load => {}
+        }
+        if self.deflate {
+            a.push("--deflate".into());
         }
         let kv = [
             ("--clients", self.clients.to_string()),

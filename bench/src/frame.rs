@@ -46,6 +46,9 @@ impl Opcode {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Head {
     pub fin: bool,
+    /// RSV1: a permessage-deflate message (whether that was agreed is the
+    /// receiver's to check).
+    pub compressed: bool,
     pub opcode: Opcode,
     pub head_len: usize,
     pub payload_len: usize,
@@ -70,8 +73,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, &'static str> {
     let [b0, b1, ..] = *buf else {
         return Ok(None);
     };
-    // No extension was negotiated, so the RSV bits must be clear.
-    if b0 & 0x70 != 0 {
+    // RSV1 is permessage-deflate's; no extension uses the others.
+    if b0 & 0x30 != 0 {
         return Err("reserved bits set");
     }
     let opcode = Opcode::from_bits(b0 & 0x0F).ok_or("reserved opcode")?;
@@ -98,6 +101,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, &'static str> {
     }
     Ok(Some(Head {
         fin,
+        compressed: b0 & 0x40 != 0,
         opcode,
         head_len,
         payload_len: len as usize,
@@ -132,6 +136,7 @@ mod tests {
     fn head(fin: bool, opcode: Opcode, head_len: usize, payload_len: usize) -> Head {
         Head {
             fin,
+            compressed: false,
             opcode,
             head_len,
             payload_len,
@@ -211,7 +216,8 @@ mod tests {
             parse_head(&[0x81, 0x85, 1, 2, 3, 4]),
             Err("masked frame from the server")
         );
-        assert_eq!(parse_head(&[0xC1, 0]), Err("reserved bits set"));
+        assert_eq!(parse_head(&[0xA1, 0]), Err("reserved bits set"));
+        assert!(parse_head(&[0xC1, 0]).unwrap().unwrap().compressed);
         assert_eq!(parse_head(&[0x83, 0]), Err("reserved opcode"));
         assert_eq!(parse_head(&[0x8B, 0]), Err("reserved opcode"));
     }

@@ -53,12 +53,12 @@ impl fmt::Display for Error {
     }
 }
 
-/// Where a complete message's payload is.
+/// Where a complete message's payload is, and whether it is compressed.
 enum Msg {
     /// A single frame: the payload is in the read buffer.
-    Frame(Opcode, Range<usize>),
+    Frame(Opcode, Range<usize>, bool),
     /// Reassembled from fragments into `Receiver::frag`.
-    Fragmented(Opcode),
+    Fragmented(Opcode, bool),
 }
 
 pub struct Receiver<S> {
@@ -69,31 +69,47 @@ pub struct Receiver<S> {
     end: usize,
     /// Wall-clock µs when the last read returned.
     read_us: u64,
-    /// Kind of the fragmented message being reassembled, if any.
-    frag_kind: Option<Opcode>,
+    /// Kind of the fragmented message being reassembled, if any, and
+    /// whether it is compressed.
+    frag_kind: Option<(Opcode, bool)>,
     frag: Vec<u8>,
+    /// permessage-deflate (no context takeover): one raw inflater, reset
+    /// for every message, and where it inflates to.
+    inflater: Option<flate2::Decompress>,
+    inflated: Vec<u8>,
 }
 
 /// Opening handshake over `io` (a connected stream) for a ws:// URL.
+/// With `deflate`, offers permessage-deflate as browsers do.
 pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
     url: &str,
+    deflate: bool,
 ) -> Result<Receiver<S>, String> {
-    handshake(io, url, &generate_key()).await
+    handshake(io, url, &generate_key(), deflate).await
 }
 
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     mut io: S,
     url: &str,
     key: &str,
+    deflate: bool,
 ) -> Result<Receiver<S>, String> {
-    let req = request(url, key)?;
+    let mut req = request(url, key)?;
+    if deflate {
+        req.truncate(req.len() - 2);
+        req.push_str(
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+        );
+    }
     io.write_all(req.as_bytes())
         .await
         .map_err(|e| format!("send request: {e}"))?;
     let mut r = Receiver::new(io);
     let head_len = r.read_response_head().await?;
-    check_response(&r.buf[..head_len], key)?;
+    if check_response(&r.buf[..head_len], key)? {
+        r.inflater = Some(flate2::Decompress::new(false));
+    }
     // Frames that came with the response stay in the buffer.
     r.start = head_len;
     Ok(r)
@@ -109,18 +125,21 @@ fn request(url: &str, key: &str) -> Result<String, String> {
     ))
 }
 
-/// The server must switch protocols and prove it read our key (RFC 6455 4.1).
-fn check_response(head: &[u8], key: &str) -> Result<(), String> {
+/// The server must switch protocols and prove it read our key (RFC 6455
+/// 4.1). True if it agreed to permessage-deflate.
+fn check_response(head: &[u8], key: &str) -> Result<bool, String> {
     let head = std::str::from_utf8(head).map_err(|_| "response head is not UTF-8")?;
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or_default();
     if status.split(' ').nth(1) != Some("101") {
         return Err(format!("HTTP status {status:?}"));
     }
-    let (mut upgrade, mut connection, mut accept) = (false, false, false);
+    let (mut upgrade, mut connection, mut accept, mut deflate) = (false, false, false, false);
     for (name, value) in lines.filter_map(|l| l.split_once(':')) {
         let value = value.trim();
-        if name.eq_ignore_ascii_case("upgrade") {
+        if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            deflate = value.starts_with("permessage-deflate");
+        } else if name.eq_ignore_ascii_case("upgrade") {
             upgrade = value.eq_ignore_ascii_case("websocket");
         } else if name.eq_ignore_ascii_case("connection") {
             connection = value
@@ -131,7 +150,7 @@ fn check_response(head: &[u8], key: &str) -> Result<(), String> {
         }
     }
     match (upgrade, connection, accept) {
-        (true, true, true) => Ok(()),
+        (true, true, true) => Ok(deflate),
         (false, _, _) => Err("no Upgrade: websocket in the response".into()),
         (_, false, _) => Err("no Connection: upgrade in the response".into()),
         (_, _, false) => Err("wrong or missing Sec-WebSocket-Accept".into()),
@@ -154,6 +173,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Receiver<S> {
             read_us: 0,
             frag_kind: None,
             frag: Vec::new(),
+            inflater: None,
+            inflated: Vec::new(),
         }
     }
 
@@ -182,9 +203,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Receiver<S> {
 
     /// The next text, binary or close message, answering pings on the way.
     pub async fn next(&mut self) -> Result<Event<'_>, Error> {
-        let (kind, payload) = match self.next_message().await? {
-            Msg::Frame(kind, range) => (kind, &self.buf[range]),
-            Msg::Fragmented(kind) => (kind, &self.frag[..]),
+        let (kind, payload, compressed) = match self.next_message().await? {
+            Msg::Frame(kind, range, c) => (kind, &self.buf[range], c),
+            Msg::Fragmented(kind, c) => (kind, &self.frag[..], c),
+        };
+        let payload = match (compressed, &mut self.inflater) {
+            (false, _) => payload,
+            (true, None) => return Err(Error::Protocol("RSV1 without permessage-deflate")),
+            (true, Some(z)) => {
+                inflate(z, payload, &mut self.inflated)?;
+                &self.inflated[..]
+            }
         };
         Ok(match kind {
             Opcode::Text => Event::Text(
@@ -206,27 +235,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Receiver<S> {
                     // Echo the status code; the server may be gone already.
                     let code = payload.start..payload.end.min(payload.start + 2);
                     let _ = self.reply(Opcode::Close, code).await;
-                    return Ok(Msg::Frame(Opcode::Close, payload));
+                    return Ok(Msg::Frame(Opcode::Close, payload, false));
                 }
                 Opcode::Text | Opcode::Binary => {
                     if self.frag_kind.is_some() {
                         return Err(Error::Protocol("new message inside a fragmented one"));
                     }
                     if head.fin {
-                        return Ok(Msg::Frame(head.opcode, payload));
+                        return Ok(Msg::Frame(head.opcode, payload, head.compressed));
                     }
-                    self.frag_kind = Some(head.opcode);
+                    self.frag_kind = Some((head.opcode, head.compressed));
                     self.frag.clear();
                     self.add_fragment(payload)?;
                 }
                 Opcode::Continuation => {
-                    let kind = self
+                    let (kind, compressed) = self
                         .frag_kind
                         .ok_or(Error::Protocol("continuation outside a fragmented message"))?;
                     self.add_fragment(payload)?;
                     if head.fin {
                         self.frag_kind = None;
-                        return Ok(Msg::Fragmented(kind));
+                        return Ok(Msg::Fragmented(kind, compressed));
                     }
                 }
             }
@@ -284,6 +313,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Receiver<S> {
         let (frame, len) = control_frame(opcode, &self.buf[payload], mask_key());
         self.io.write_all(&frame[..len]).await.map_err(Error::Io)
     }
+}
+
+/// One permessage-deflate message: its payload with the stripped
+/// `00 00 ff ff` put back, inflated from a fresh window.
+fn inflate(z: &mut flate2::Decompress, payload: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+    const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
+    z.reset(false);
+    out.clear();
+    for input in [payload, &TAIL[..]] {
+        let mut input = input;
+        while !input.is_empty() {
+            if out.len() == out.capacity() {
+                out.reserve(4096);
+            }
+            let before = z.total_in();
+            z.decompress_vec(input, out, flate2::FlushDecompress::Sync)
+                .map_err(|_| Error::Protocol("bad deflate data"))?;
+            let used = (z.total_in() - before) as usize;
+            input = &input[used..];
+            if used == 0 && out.len() < out.capacity() {
+                break;
+            }
+            if out.len() > MAX_MESSAGE {
+                return Err(Error::Protocol("inflated message too large"));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -522,11 +579,29 @@ mod tests {
         .into_bytes();
         bytes.extend(text("first"));
         let (a, b) = bytes.split_at(40);
-        let mut r = handshake(script(&[a, b]), "ws://h:1/ws", KEY)
+        let mut r = handshake(script(&[a, b]), "ws://h:1/ws", KEY, false)
             .await
             .unwrap();
         assert!(r.io.written.starts_with(b"GET /ws HTTP/1.1\r\n"));
         assert_eq!(next_text(&mut r).await, "first");
+    }
+
+    #[tokio::test]
+    async fn compressed_message_is_inflated() {
+        let text = "compressed compressed compressed";
+        let mut z = flate2::Compress::new(flate2::Compression::default(), false);
+        let mut out = Vec::with_capacity(128);
+        z.compress_vec(text.as_bytes(), &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+        out.truncate(out.len() - 4);
+        let f = frame(true, 0x41, &out);
+        let mut r = receiver(&[&f, &f]);
+        assert!(matches!(r.next().await, Err(Error::Protocol(_))));
+        let mut r = receiver(&[&f, &f]);
+        r.inflater = Some(flate2::Decompress::new(false));
+        assert_eq!(next_text(&mut r).await, text);
+        assert_eq!(next_text(&mut r).await, text);
     }
 
     #[test]
@@ -535,7 +610,12 @@ mod tests {
             "HTTP/1.1 101 Switching Protocols\r\nupgrade: WebSocket\r\n\
              connection: keep-alive, Upgrade\r\nsec-websocket-accept: {ACCEPT}\r\n\r\n"
         );
-        assert_eq!(check_response(ok.as_bytes(), KEY), Ok(()));
+        assert_eq!(check_response(ok.as_bytes(), KEY), Ok(false));
+        let deflate = ok.replace(
+            "\r\n\r\n",
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n",
+        );
+        assert_eq!(check_response(deflate.as_bytes(), KEY), Ok(true));
         let wrong = ok.replace(ACCEPT, "AAAAAAAAAAAAAAAAAAAAAAAAAAA=");
         assert!(check_response(wrong.as_bytes(), KEY).is_err());
         let refused = "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";

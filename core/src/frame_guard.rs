@@ -17,12 +17,15 @@ pub enum Violation {
     /// A 64-bit length with its top bit set (RFC 6455 5.2).
     BadLength,
     TooBig,
+    /// A compressed message that does not inflate (permessage-deflate).
+    BadCompression,
 }
 
 impl Violation {
     pub fn close_code(self) -> u16 {
         match self {
             Violation::TooBig => 1009,
+            Violation::BadCompression => 1007,
             _ => 1002,
         }
     }
@@ -36,6 +39,7 @@ impl Violation {
             Violation::FragmentedControl => "fragmented control frame",
             Violation::BadLength => "invalid frame length",
             Violation::TooBig => "message too big",
+            Violation::BadCompression => "invalid compressed data",
         }
     }
 }
@@ -58,6 +62,9 @@ enum State {
 /// Follows frame boundaries in the client's byte stream.
 pub struct FrameGuard {
     max_payload: u64,
+    /// permessage-deflate was agreed: RSV1 marks a compressed message, on
+    /// its first frame only.
+    deflate: bool,
     state: State,
 }
 
@@ -66,11 +73,17 @@ impl FrameGuard {
     pub fn new(max_payload: u64) -> Self {
         FrameGuard {
             max_payload,
+            deflate: false,
             state: State::Header {
                 buf: [0; MAX_HEADER],
                 have: 0,
             },
         }
+    }
+
+    /// The connection agreed to permessage-deflate.
+    pub fn allow_compression(&mut self) {
+        self.deflate = true;
     }
 
     /// Scans the next bytes of the stream. Returns how many of them may be
@@ -98,7 +111,7 @@ impl FrameGuard {
                     buf[*have] = data[pos];
                     *have += 1;
                     pos += 1;
-                    match check_header(&buf[..*have], self.max_payload) {
+                    match check_header(&buf[..*have], self.max_payload, self.deflate) {
                         Ok(None) => {}
                         Ok(Some(len)) => {
                             self.state = State::Payload { remaining: len };
@@ -121,7 +134,7 @@ impl FrameGuard {
 
 /// `Ok(None)`: need more bytes; `Ok(Some(len))`: a complete, acceptable
 /// header announcing `len` payload bytes.
-fn check_header(h: &[u8], max_payload: u64) -> Result<Option<u64>, Violation> {
+fn check_header(h: &[u8], max_payload: u64, deflate: bool) -> Result<Option<u64>, Violation> {
     if h.len() < 2 {
         return Ok(None);
     }
@@ -129,7 +142,10 @@ fn check_header(h: &[u8], max_payload: u64) -> Result<Option<u64>, Violation> {
     let fin = b0 & 0x80 != 0;
     let opcode = b0 & 0x0f;
     let control = opcode & 0x08 != 0;
-    if b0 & 0x70 != 0 {
+    // RSV1 may open a compressed text or binary message; nothing else may
+    // set a reserved bit (RFC 7692 6: not on continuations or control frames).
+    let rsv1_ok = deflate && matches!(opcode, 1 | 2);
+    if b0 & 0x30 != 0 || (b0 & 0x40 != 0 && !rsv1_ok) {
         return Err(Violation::ReservedBits);
     }
     if matches!(opcode, 3..=7 | 0xb..=0xf) {
@@ -263,8 +279,37 @@ mod tests {
     }
 
     #[test]
+    fn rsv1_only_opens_a_message_and_only_with_deflate() {
+        let mut g = FrameGuard::new(1000);
+        g.allow_compression();
+        let stream: Vec<u8> = [
+            frame(0xc1, 3),
+            frame(0x41, 2),
+            frame(0x80, 2),
+            frame(0xc2, 1),
+        ]
+        .concat();
+        assert_eq!(g.scan(&stream), (stream.len(), None));
+        for b0 in [0xc0, 0xc9, 0xca, 0xa1, 0x91] {
+            let mut g = FrameGuard::new(1000);
+            g.allow_compression();
+            assert_eq!(
+                g.scan(&frame(b0, 0)),
+                (0, Some(Violation::ReservedBits)),
+                "{b0:#x}"
+            );
+        }
+        let mut plain = FrameGuard::new(1000);
+        assert_eq!(
+            plain.scan(&frame(0xc1, 1)),
+            (0, Some(Violation::ReservedBits))
+        );
+    }
+
+    #[test]
     fn close_codes() {
         assert_eq!(Violation::TooBig.close_code(), 1009);
         assert_eq!(Violation::Unmasked.close_code(), 1002);
+        assert_eq!(Violation::BadCompression.close_code(), 1007);
     }
 }

@@ -2,6 +2,7 @@
 //! nginx: plain Rust, unit-tested with `cargo test`.
 
 pub mod backoff;
+pub mod deflate;
 pub mod envelope;
 pub mod frame;
 pub mod frame_guard;

@@ -10,6 +10,15 @@ package WSClient;
 # Everything read goes through one buffer, so frames split over several TCP
 # reads and several frames in one read are both handled. Every read is bounded
 # by a timeout.
+#
+# permessage-deflate (RFC 7692, no context takeover): connect(deflate => 1)
+# offers it (extensions => [...] sends other offers, one header line each).
+# When the 101 agrees (->deflate_agreed), messages whose first frame has
+# RSV1 are inflated as they arrive and their events carry _compressed => 1
+# and _wire (the compressed bytes as received); an RSV1 message on a
+# connection that agreed to nothing keeps its bytes (and fails JSON).
+# send_compressed sends one compressed message; deflate_payload and
+# inflate_payload are the codec, for tests that build frames themselves.
 
 use strict;
 use warnings;
@@ -22,6 +31,7 @@ use MIME::Base64 qw(encode_base64 decode_base64);
 use JSON::PP ();
 use Time::HiRes qw(time);
 use Carp qw(croak);
+use Compress::Raw::Zlib ();
 
 $SIG{PIPE} = 'IGNORE';
 
@@ -153,7 +163,9 @@ sub raw_handshake {
 
 # The text of an opening handshake request and the key it carries.
 # %o: port (for Host), path ('/ws'), headers ({name => value}: replaces a
-# default header of that name, case-insensitively; undef drops it).
+# default header of that name, case-insensitively; undef drops it),
+# extra_headers ([[name => value], ...]: appended as they are, so a name
+# may repeat).
 sub handshake_request {
     my (%o) = @_;
     my $port = $o{port} // 0;
@@ -171,20 +183,28 @@ sub handshake_request {
         @hdr = grep { lc $_->[0] ne lc $name } @hdr;
         push @hdr, [$name => $v] if defined $v;
     }
+    push @hdr, @{ $o{extra_headers} // [] };
     my $req = "GET $path HTTP/1.1\r\n"
             . join('', map { "$_->[0]: $_->[1]\r\n" } @hdr) . "\r\n";
     return ($req, $key);
 }
 
+# The browsers' permessage-deflate offer.
+our $DEFLATE_OFFER = 'permessage-deflate; client_max_window_bits';
+
 # Options: port, path, timeout, headers, welcome, auto_pong, rcvbuf (bytes,
-# SO_RCVBUF set on the socket before connect).
+# SO_RCVBUF set on the socket before connect), deflate (offer
+# $DEFLATE_OFFER), extensions ([offer, ...]: one Sec-WebSocket-Extensions
+# line each, instead of deflate's).
 sub connect {
     my ($class, %o) = @_;
     my $port    = $o{port} or croak 'WSClient->connect: port required';
     my $path    = $o{path} // '/ws';
     my $timeout = $o{timeout} // 5;
+    my @offers  = @{ $o{extensions} // ($o{deflate} ? [$DEFLATE_OFFER] : []) };
     my ($req, $key) = handshake_request(port => $port, path => $path,
-                                        headers => $o{headers});
+        headers => $o{headers},
+        extra_headers => [map { ['Sec-WebSocket-Extensions' => $_] } @offers]);
 
     my $sock = _socket($port, $timeout, undef, $o{rcvbuf});
     $sock = _start_tls($sock, $timeout) if $o{tls};
@@ -202,6 +222,7 @@ sub connect {
         sock => $sock, buf => $rest, port => $port, path => $path,
         timeout => $timeout, headers => $h, events => [], skipped => [],
         auto_pong => $o{auto_pong} // 1, frag => undef,
+        deflate => _agreed_window($h->{'sec-websocket-extensions'}),
     }, $class;
 
     if ($o{welcome}) {
@@ -210,6 +231,14 @@ sub connect {
         $self->{welcome} = $w;
     }
     return $self;
+}
+
+# The server's window bits (15 unless it said server_max_window_bits) when
+# its Sec-WebSocket-Extensions agrees to permessage-deflate, else undef.
+sub _agreed_window {
+    my $ext = shift;
+    return undef unless defined $ext && $ext =~ /^\s*permessage-deflate\s*(?:;|$)/i;
+    return $ext =~ /server_max_window_bits\s*=\s*"?(\d+)/i ? 0 + $1 : 15;
 }
 
 # Join a chat room: connect to /ws?room=R&nick=N (each URL-encoded, omitted
@@ -239,6 +268,10 @@ sub close_reason     { $_[0]{close_reason} }
 sub got_close        { $_[0]{got_close} }
 sub eof              { $_[0]{eof} }
 sub events           { @{ $_[0]{events} } }     # every JSON event received so far
+sub extensions       { $_[0]{headers}{'sec-websocket-extensions'} }  # the 101's, or undef
+sub deflate_agreed   { defined $_[0]{deflate} }
+sub deflate_window   { $_[0]{deflate} }          # server_max_window_bits agreed (15 if none)
+sub pongs            { @{ $_[0]{pongs} // [] } } # payloads of the pongs recv_message passed
 sub skipped          { @{ $_[0]{skipped} } }    # events passed over by wait_for
 
 # ---------------------------------------------------------------- sending
@@ -289,6 +322,174 @@ sub send_text {
     my $b = $text;
     utf8::encode($b);
     return $self->send_frame(opcode => 1, payload => $b);
+}
+
+# One message compressed (permessage-deflate) in one frame with RSV1, or in
+# $o{fragments} frames (RSV1 on the first only). $text is a character string.
+sub send_compressed {
+    my ($self, $text, %o) = @_;
+    my $b = $text;
+    utf8::encode($b);
+    my $c = deflate_payload($b);
+    my $n = $o{fragments} // 1;
+    my $size = int(length($c) / $n) || 1;
+    my @parts = map { substr($c, $_ * $size, $_ == $n - 1 ? length($c) : $size) } 0 .. $n - 1;
+    for my $i (0 .. $#parts) {
+        $self->send_frame(opcode => $i ? 0 : 1, rsv => $i ? 0 : 4,
+                          fin => $i == $#parts ? 1 : 0, payload => $parts[$i]) or return 0;
+    }
+    return 1;
+}
+
+# $bytes as a permessage-deflate message payload: raw deflate with a
+# $window_bits (15) window, sync-flushed, the trailing 00 00 ff ff removed.
+sub deflate_payload {
+    my ($bytes, $window_bits) = @_;
+    my ($d, $st) = Compress::Raw::Zlib::Deflate->new(
+        -WindowBits => -($window_bits // 15), -AppendOutput => 1);
+    croak "WSClient: deflateInit: $st" unless $d;
+    my $out = '';
+    $d->deflate($bytes, $out) == Compress::Raw::Zlib::Z_OK() or croak 'WSClient: deflate failed';
+    $d->flush($out, Compress::Raw::Zlib::Z_SYNC_FLUSH()) == Compress::Raw::Zlib::Z_OK()
+        or croak 'WSClient: deflate flush failed';
+    $out =~ s/\x00\x00\xff\xff\z//;
+    return $out;
+}
+
+# Inflate one message payload (00 00 ff ff put back) with a fresh raw
+# inflater of $window_bits (15). With $o{window_only}, a decoder of our own
+# that also fails on a back-reference farther than 2^$window_bits bytes:
+# zlib cannot tell (it accepts any distance into what one call wrote), and
+# that check shows the sender kept to the window. Returns the bytes, or
+# undef if they do not inflate (the error is in $WSClient::INFLATE_ERROR).
+our $INFLATE_ERROR;
+sub inflate_payload {
+    my ($data, $window_bits, %o) = @_;
+    $window_bits //= 15;
+    $INFLATE_ERROR = undef;
+    my $in = $data . "\x00\x00\xff\xff";
+    if ($o{window_only}) {
+        my $out = eval { _inflate_within($in, 1 << $window_bits) };
+        $INFLATE_ERROR = $@ =~ s/\n\z//r unless defined $out;
+        return $out;
+    }
+    my ($i, $st) = Compress::Raw::Zlib::Inflate->new(
+        -WindowBits => -$window_bits, -AppendOutput => 1, -ConsumeInput => 1);
+    croak "WSClient: inflateInit: $st" unless $i;
+    my $out = '';
+    my $s = $i->inflate($in, $out);
+    # A final block (BFINAL) ends the data; what follows is the tail (and
+    # the RFC 7692 7.2.3.3 example puts one 00 octet before it).
+    return $out if $s == Compress::Raw::Zlib::Z_OK() || $s == Compress::Raw::Zlib::Z_STREAM_END()
+                || ($s == Compress::Raw::Zlib::Z_BUF_ERROR() && !length $in);
+    $INFLATE_ERROR = "$s";
+    return undef;
+}
+
+my @LBASE = (3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83,
+             99, 115, 131, 163, 195, 227, 258);
+my @LEXT  = (0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0);
+my @DBASE = (1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769,
+             1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577);
+my @DEXT  = (0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11,
+             12, 12, 13, 13);
+
+# Raw deflate (RFC 1951) decoded in Perl, after zlib's "puff": dies on bad
+# data and on a distance over $window. Ends at a final block or where the
+# input ends between blocks.
+sub _inflate_within {
+    my ($data, $window) = @_;
+    my @b = unpack 'C*', $data;
+    my ($pos, $buf, $cnt, $out) = (0, 0, 0, '');
+    my $bits = sub {
+        my $need = shift;
+        while ($cnt < $need) {
+            die "compressed data ends inside a block\n" if $pos >= @b;
+            $buf |= $b[$pos++] << $cnt;
+            $cnt += 8;
+        }
+        my $v = $buf & ((1 << $need) - 1);
+        $buf >>= $need;
+        $cnt -= $need;
+        return $v;
+    };
+    my $huffman = sub {    # code lengths by symbol -> [counts, symbols]
+        my @count = (0) x 16;
+        $count[$_]++ for @_;
+        my @offs = (0, 0);
+        $offs[$_ + 1] = $offs[$_] + $count[$_] for 1 .. 15;
+        my @sym;
+        for my $s (0 .. $#_) { $sym[ $offs[ $_[$s] ]++ ] = $s if $_[$s] }
+        return [\@count, \@sym];
+    };
+    my $decode = sub {
+        my ($count, $sym) = @{ $_[0] };
+        my ($code, $first, $index) = (0, 0, 0);
+        for my $len (1 .. 15) {
+            $code |= $bits->(1);
+            my $n = $count->[$len];
+            return $sym->[ $index + $code - $first ] if $code - $first < $n;
+            $index += $n;
+            $first = ($first + $n) << 1;
+            $code <<= 1;
+        }
+        die "invalid Huffman code\n";
+    };
+    my ($fixed_l, $fixed_d) = ($huffman->((8) x 144, (9) x 112, (7) x 24, (8) x 8),
+                               $huffman->((5) x 30));
+    while ($pos < @b) {
+        my $last = $bits->(1);
+        my $type = $bits->(2);
+        if ($type == 0) {
+            ($buf, $cnt) = (0, 0);
+            die "compressed data ends inside a stored block\n" if $pos + 4 > @b;
+            my ($len, $nlen) = unpack 'vv', pack('C4', @b[$pos .. $pos + 3]);
+            die "stored block length does not match its complement\n" if $len != (~$nlen & 0xffff);
+            $pos += 4;
+            die "compressed data ends inside a stored block\n" if $pos + $len > @b;
+            $out .= pack 'C*', @b[$pos .. $pos + $len - 1] if $len;
+            $pos += $len;
+        } elsif ($type == 3) {
+            die "invalid block type\n";
+        } else {
+            my ($lc, $dc) = ($fixed_l, $fixed_d);
+            if ($type == 2) {
+                my ($nlen, $ndist, $ncode) = ($bits->(5) + 257, $bits->(5) + 1, $bits->(4) + 4);
+                my @cl = (0) x 19;
+                $cl[$_] = $bits->(3)
+                    for (16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15)[0 .. $ncode - 1];
+                my $clc = $huffman->(@cl);
+                my @len;
+                while (@len < $nlen + $ndist) {
+                    my $sym = $decode->($clc);
+                    if    ($sym < 16)  { push @len, $sym }
+                    elsif ($sym == 16) { die "repeat with no length\n" unless @len;
+                                         push @len, ($len[-1]) x (3 + $bits->(2)) }
+                    elsif ($sym == 17) { push @len, (0) x (3 + $bits->(3)) }
+                    else               { push @len, (0) x (11 + $bits->(7)) }
+                }
+                die "too many code lengths\n" if @len > $nlen + $ndist;
+                ($lc, $dc) = ($huffman->(@len[0 .. $nlen - 1]), $huffman->(@len[$nlen .. $#len]));
+            }
+            while (1) {
+                my $sym = $decode->($lc);
+                last if $sym == 256;
+                if ($sym < 256) { $out .= chr $sym; next }
+                $sym -= 257;
+                die "invalid length code\n" if $sym > 28;
+                my $len = $LBASE[$sym] + $bits->($LEXT[$sym]);
+                my $ds = $decode->($dc);
+                die "invalid distance code\n" if $ds > 29;
+                my $dist = $DBASE[$ds] + $bits->($DEXT[$ds]);
+                die "distance $dist beyond the output\n" if $dist > length $out;
+                die "distance $dist beyond a window of $window bytes\n" if $dist > $window;
+                if ($dist >= $len) { $out .= substr($out, -$dist, $len) }
+                else { $out .= substr($out, -$dist, 1) for 1 .. $len }
+            }
+        }
+        last if $last;
+    }
+    return $out;
 }
 
 sub send_binary { $_[0]->send_frame(opcode => 2, payload => $_[1]) }
@@ -403,9 +604,21 @@ sub recv_frame {
 }
 
 # Next complete data message (fragments joined), answering pings and skipping
-# pongs. Returns {opcode, payload} for text/binary, the close frame itself when
-# a close frame arrives, or undef on timeout/EOF.
+# pongs (their payloads are kept, see ->pongs). Returns {opcode, payload} for
+# text/binary, the close frame itself when a close frame arrives, or undef on
+# timeout/EOF. A message whose first frame had RSV1 also has compressed => 1
+# and wire (its bytes as received); payload is then inflated when deflate
+# was agreed (undef if that fails).
 sub recv_message {
+    my $self = shift;
+    my $m = $self->_recv_message(@_);
+    return $m unless $m && $m->{opcode} != 8 && ($m->{rsv} // 0) & 4;
+    $m = { %$m, compressed => 1, wire => $m->{payload} };
+    $m->{payload} = inflate_payload($m->{wire}, 15) if defined $self->{deflate};
+    return $m;
+}
+
+sub _recv_message {
     my ($self, $timeout) = @_;
     my $deadline = time + ($timeout // $self->{timeout});
     while (1) {
@@ -416,7 +629,10 @@ sub recv_message {
             $self->send_pong($f->{payload}) if $self->{auto_pong};
             next;
         }
-        next if $op == 10;
+        if ($op == 10) {
+            push @{ $self->{pongs} }, $f->{payload};
+            next;
+        }
         return $f if $op == 8;
         if ($op == 0) {
             next unless $self->{frag};    # stray continuation: ignore
@@ -426,7 +642,8 @@ sub recv_message {
             return $m;
         }
         if (!$f->{fin}) {
-            $self->{frag} = { opcode => $op, payload => $f->{payload}, fin => 1 };
+            $self->{frag} = { opcode => $op, payload => $f->{payload}, fin => 1,
+                              rsv => $f->{rsv} };
             next;
         }
         return $f;
@@ -451,11 +668,17 @@ sub _record_event {
     my $ev;
     if ($m->{opcode} == 2) {
         $ev = { type => '_binary', raw => $m->{payload} };
+    } elsif (!defined $m->{payload}) {
+        $ev = { type => '_invalid_deflate', error => $INFLATE_ERROR };
     } else {
         $ev = eval { $JSON->decode($m->{payload}) };
         $ev = { type => '_invalid_json', raw => $m->{payload}, error => "$@" }
             unless ref $ev eq 'HASH';
-        $ev->{_raw} = $m->{payload};    # exact bytes as received
+        $ev->{_raw} = $m->{payload};    # exact bytes as received (inflated)
+    }
+    if ($m->{compressed}) {
+        $ev->{_compressed} = 1;
+        $ev->{_wire} = $m->{wire};
     }
     push @{ $self->{events} }, $ev;
     return $ev;
