@@ -10,6 +10,7 @@ use core::mem::{size_of, MaybeUninit};
 use std::rc::Rc;
 
 use wschat_core::deflate::{Inflate, InflateError, TAIL};
+use wschat_core::frame;
 
 #[allow(
     non_camel_case_types,
@@ -161,7 +162,7 @@ thread_local! {
 /// gets for `frame`: compressed (RSV1 set) when that is smaller, else
 /// `frame` itself. Only unfragmented text frames are compressed.
 pub fn for_deflate(frame: &Rc<[u8]>, window_bits: u8) -> Rc<[u8]> {
-    let Some((header, payload)) = split_text_frame(frame) else {
+    let Some(payload) = text_payload(frame) else {
         return frame.clone();
     };
     if payload.len() < MIN_PAYLOAD {
@@ -175,7 +176,7 @@ pub fn for_deflate(frame: &Rc<[u8]>, window_bits: u8) -> Rc<[u8]> {
         }
         let sent = compress(z, payload, window_bits)
             .filter(|c| c.len() < payload.len())
-            .map_or_else(|| frame.clone(), |c| rsv1_frame(header[0], &c));
+            .map_or_else(|| frame.clone(), |c| frame::compressed_text_frame(&c));
         z.last = Some(Compressed {
             plain: frame.clone(),
             window_bits,
@@ -200,9 +201,8 @@ fn compress(z: &mut Zlib, payload: &[u8], window_bits: u8) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A server frame (unmasked) as header and payload, if it is one whole
-/// text frame.
-fn split_text_frame(frame: &[u8]) -> Option<(&[u8], &[u8])> {
+/// The payload of a server frame (unmasked), if it is one whole text frame.
+fn text_payload(frame: &[u8]) -> Option<&[u8]> {
     if frame.len() < 2 || frame[0] != 0x81 {
         return None;
     }
@@ -211,25 +211,7 @@ fn split_text_frame(frame: &[u8]) -> Option<(&[u8], &[u8])> {
         127 => 10,
         _ => 2,
     };
-    (frame.len() >= header).then(|| frame.split_at(header))
-}
-
-fn rsv1_frame(b0: u8, payload: &[u8]) -> Rc<[u8]> {
-    let mut f = Vec::with_capacity(payload.len() + 10);
-    f.push(b0 | 0x40);
-    match payload.len() {
-        n @ 0..=125 => f.push(n as u8),
-        n @ 126..=0xffff => {
-            f.push(126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(payload);
-    f.into()
+    frame.get(header..)
 }
 
 /// The worker's inflater, for `Unframer`.

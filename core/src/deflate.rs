@@ -7,6 +7,9 @@
 //! no connection keeps a zlib stream while it is idle. The zlib calls
 //! themselves are the caller's (`Inflate`), so this stays testable.
 
+use tungstenite::protocol::frame::coding::OpCode;
+use tungstenite::protocol::frame::FrameHeader;
+
 use crate::frame_guard::Violation;
 
 /// What the server agreed to for one connection.
@@ -268,19 +271,15 @@ impl Unframer {
                 InflateError::TooBig => Violation::TooBig,
                 InflateError::Corrupt => Violation::BadCompression,
             })?;
-        out.push(0x80 | opcode);
-        match plain.len() {
-            n @ 0..=125 => out.push(0x80 | n as u8),
-            n @ 126..=0xffff => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&[0; 4]);
+        // Masked with a zero key: the parser wants client frames masked.
+        let header = FrameHeader {
+            opcode: OpCode::from(opcode),
+            mask: Some([0; 4]),
+            ..FrameHeader::default()
+        };
+        header
+            .format(plain.len() as u64, out)
+            .expect("writing to a Vec cannot fail");
         out.extend_from_slice(&plain);
         Ok(())
     }

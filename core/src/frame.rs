@@ -9,10 +9,16 @@ use tungstenite::protocol::frame::FrameHeader;
 /// Encodes one unmasked server frame. Server frames are the same bytes for
 /// every recipient, so a broadcast is encoded once and shared.
 fn encode(opcode: OpCode, payload: &[u8]) -> Rc<[u8]> {
-    let header = FrameHeader {
-        opcode,
-        ..FrameHeader::default()
-    };
+    encode_with(
+        FrameHeader {
+            opcode,
+            ..FrameHeader::default()
+        },
+        payload,
+    )
+}
+
+fn encode_with(header: FrameHeader, payload: &[u8]) -> Rc<[u8]> {
     // A server header is at most 10 bytes (no mask).
     let mut head = io::Cursor::new([0u8; 10]);
     header
@@ -29,6 +35,18 @@ fn encode(opcode: OpCode, payload: &[u8]) -> Rc<[u8]> {
 
 pub fn text_frame(payload: &[u8]) -> Rc<[u8]> {
     encode(OpCode::Data(Data::Text), payload)
+}
+
+/// A text message compressed with permessage-deflate (RSV1 set).
+pub fn compressed_text_frame(payload: &[u8]) -> Rc<[u8]> {
+    encode_with(
+        FrameHeader {
+            rsv1: true,
+            opcode: OpCode::Data(Data::Text),
+            ..FrameHeader::default()
+        },
+        payload,
+    )
 }
 
 pub fn ping_frame(payload: &[u8]) -> Rc<[u8]> {
@@ -63,6 +81,11 @@ mod tests {
         let f = text_frame(&vec![b'a'; 70_000]);
         assert_eq!(&f[..2], &[0x81, 127]);
         assert_eq!(u64::from_be_bytes(f[2..10].try_into().unwrap()), 70_000);
+    }
+
+    #[test]
+    fn compressed_text_frame_sets_rsv1() {
+        assert_eq!(&*compressed_text_frame(b"z"), &[0xc1, 1, b'z']);
     }
 
     #[test]
