@@ -47,6 +47,8 @@ const EARLY_LIMIT: usize = 32;
 const FLOOD_REJECTIONS: u8 = 10;
 
 pub mod close {
+    use crate::metrics::CloseKind;
+
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL: u16 = 1002;
     pub const UNSUPPORTED: u16 = 1003;
@@ -61,8 +63,6 @@ pub mod close {
     pub const ROOM_REFUSED: &str = "room refused by Redis";
     pub const IDLE: &str = "idle timeout";
     pub const SHUTDOWN: &str = "server shutting down";
-
-    use crate::metrics::CloseKind;
 
     /// What a close the server starts is counted as.
     pub fn kind_of(code: u16, reason: &str) -> CloseKind {
