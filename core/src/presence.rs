@@ -9,11 +9,30 @@
 //! (`<channel>:presence`) that Redis increments as it publishes the event;
 //! a member's welcome says which `n` its member list reflects, so that a
 //! `join` or `leave` the list already shows is dropped, whichever Redis
-//! connection brings it first.
+//! connection brings it first. A counter made anew (the room emptied, or
+//! Redis restarted without its data) starts from Redis's clock in
+//! microseconds, so ids never repeat and stay ordered: a client that
+//! remembers the ids it has shown must not take a new event for an old one.
 //!
 //! Big rooms must not cost O(N²): past `BUSY_ROOM` members, joins and
 //! leaves are no longer announced one by one but summed up in at most one
 //! `presence` event per worker per tick.
+
+/// Lua for the scripts: `seq(key)` is the room's next presence counter as
+/// a string of digits (a Lua number that large would print as `1.7e+15`),
+/// started from Redis's clock (µs) when the key does not exist.
+macro_rules! seq_fn {
+    () => {
+        "local function seq(key)
+  if redis.call('EXISTS', key) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', key, t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+  return string.format('%d', redis.call('INCR', key))
+end
+"
+    };
+}
 
 /// Rooms with more members than this get `presence` summaries instead of
 /// one `join`/`leave` event per change, and `welcome` lists this many.
@@ -32,22 +51,27 @@ pub const SWEEP_NODES: usize = 8;
 /// event head (up to `"id":"`; empty: a silent re-registration),
 /// BUSY_ROOM. Returns `{count, announced, n}`, announced being 1 (as
 /// `p<n>`), 0 (left to a summary) or -1 (silent).
-pub const JOIN_SCRIPT: &str = "\
+pub const JOIN_SCRIPT: &str = concat!(
+    seq_fn!(),
+    "\
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3] .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[5])
 local n = redis.call('HLEN', KEYS[1])
 if ARGV[6] == '' then return {n, -1} end
 if n <= tonumber(ARGV[7]) then
-  local seq = redis.call('INCR', KEYS[3])
-  redis.call('PUBLISH', ARGV[3], ARGV[6] .. 'p' .. seq .. '\"}')
-  return {n, 1, seq}
+  local n_seq = seq(KEYS[3])
+  redis.call('PUBLISH', ARGV[3], ARGV[6] .. 'p' .. n_seq .. '\"}')
+  return {n, 1, tonumber(n_seq)}
 end
-return {n, 0}";
+return {n, 0}"
+);
 
 /// KEYS: members hash, node hash, presence counter. ARGV: session id,
 /// channel, leave event head (up to `"id":"`), BUSY_ROOM. Returns
 /// `{count, announced}`; a member already swept is not announced twice.
-pub const LEAVE_SCRIPT: &str = "\
+pub const LEAVE_SCRIPT: &str = concat!(
+    seq_fn!(),
+    "\
 local removed = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 local n = redis.call('HLEN', KEYS[1])
@@ -56,17 +80,20 @@ if n == 0 then
   return {0, -1}
 end
 if removed == 1 and n < tonumber(ARGV[4]) then
-  redis.call('PUBLISH', ARGV[2], ARGV[3] .. 'p' .. redis.call('INCR', KEYS[3]) .. '\"}')
+  redis.call('PUBLISH', ARGV[2], ARGV[3] .. 'p' .. seq(KEYS[3]) .. '\"}')
   return {n, 1}
 end
-return {n, removed == 1 and 0 or -1}";
+return {n, removed == 1 and 0 or -1}"
+);
 
 /// KEYS: the nodes sorted set. ARGV: this node, lease ms, the prefix,
 /// SWEEP_NODES, BUSY_ROOM. Renews this node's lease, then removes the
 /// members of nodes whose lease ran out and tells their rooms: a `leave`
 /// each in small rooms, one `presence` summary in busy ones. Returns the
 /// number of members removed.
-pub const RENEW_SCRIPT: &str = "\
+pub const RENEW_SCRIPT: &str = concat!(
+    seq_fn!(),
+    "\
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
@@ -89,8 +116,7 @@ for _, node in ipairs(dead) do
         if n == 0 then
           redis.call('DEL', channel .. ':presence')
         elseif n < tonumber(ARGV[5]) then
-          local seq = redis.call('INCR', channel .. ':presence')
-          redis.call('PUBLISH', channel, string.sub(v, b + 1) .. now .. ',\"id\":\"p' .. seq .. '\"}')
+          redis.call('PUBLISH', channel, string.sub(v, b + 1) .. now .. ',\"id\":\"p' .. seq(channel .. ':presence') .. '\"}')
         else
           busy[channel] = {room, (busy[channel] and busy[channel][2] or 0) + 1}
         end
@@ -101,18 +127,22 @@ for _, node in ipairs(dead) do
 end
 for channel, r in pairs(busy) do
   local n = redis.call('HLEN', channel .. ':members')
-  redis.call('PUBLISH', channel, '{\"type\":\"presence\",\"room\":' .. r[1] .. ',\"count\":' .. n .. ',\"joined\":[],\"left\":[],\"gone\":' .. r[2] .. ',\"ts\":' .. now .. ',\"id\":\"p' .. redis.call('INCR', channel .. ':presence') .. '\"}')
+  redis.call('PUBLISH', channel, '{\"type\":\"presence\",\"room\":' .. r[1] .. ',\"count\":' .. n .. ',\"joined\":[],\"left\":[],\"gone\":' .. r[2] .. ',\"ts\":' .. now .. ',\"id\":\"p' .. seq(channel .. ':presence') .. '\"}')
 end
-return removed";
+return removed"
+);
 
 /// KEYS: members hash, presence counter. ARGV: channel, summary head (up
 /// to `"count":`), summary tail (up to `"id":"`). Publishes a busy room's
 /// summary with the count as it is now, so that the last summary a member
 /// gets has the latest count.
-pub const SUMMARY_SCRIPT: &str = "\
+pub const SUMMARY_SCRIPT: &str = concat!(
+    seq_fn!(),
+    "\
 local n = redis.call('HLEN', KEYS[1])
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. n .. ARGV[3] .. 'p' .. redis.call('INCR', KEYS[2]) .. '\"}')
-return n";
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. n .. ARGV[3] .. 'p' .. seq(KEYS[2]) .. '\"}')
+return n"
+);
 
 /// The hash of a room's members: session id → `member_json`.
 pub fn members_key(channel: &str) -> String {
