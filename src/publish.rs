@@ -271,6 +271,20 @@ unsafe extern "C" fn answer_now(r: *mut ngx_http_request_t) {
     }
 }
 
+/// Ends a request still waiting as the worker exits.
+///
+/// # Safety
+/// `r` must be a live request the room layer no longer holds.
+pub unsafe fn abandon(r: *mut ngx_http_request_t) {
+    let refused = Refused::new(
+        PublishStatus::Unavailable,
+        "shutting_down",
+        "the server stopped before Redis answered: the message may or may not have been published",
+    );
+    // SAFETY: as the caller promises.
+    unsafe { ngx_http_finalize_request(r, respond(r, &refused, &[])) };
+}
+
 /// The 201's body.
 pub fn created(id: &str, room: &str) -> String {
     let mut out = String::from(r#"{"id":"#);

@@ -877,6 +877,13 @@ impl Link {
         )
     }
 
+    /// While `hold` (requests wait for Redis's answer) the clock keeps a
+    /// worker that is shutting down alive, as any request in progress
+    /// does; nginx's `worker_shutdown_timeout` still ends it.
+    pub fn hold_worker(&mut self, hold: bool) {
+        self.tick.set_cancelable(u32::from(!hold));
+    }
+
     /// Starts the rooms layer's clock.
     fn start_tick(&mut self) {
         self.tick.data = self.data();

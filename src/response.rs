@@ -20,10 +20,13 @@ pub fn send(
 ) -> ngx_int_t {
     // SAFETY: r is a live request (callers are its handlers).
     let req = unsafe { &mut *r };
-    // SAFETY: as above; a body not read yet is not wanted.
-    if req.request_body.is_null() && unsafe { ngx_http_discard_request_body(r) } != NGX_OK as isize
-    {
-        return NGX_ERROR as ngx_int_t;
+    if req.request_body.is_null() {
+        // A body not read yet is not wanted: no "100 Continue" invites it.
+        req.set_expect_tested(1);
+        // SAFETY: as above.
+        if unsafe { ngx_http_discard_request_body(r) } != NGX_OK as isize {
+            return NGX_ERROR as ngx_int_t;
+        }
     }
     req.headers_out.status = status.into();
     req.headers_out.content_type = ngx_str_t {

@@ -145,18 +145,37 @@ impl Rooms {
             self.publishes.remove(key);
             return Err(BacklogFull);
         }
+        self.link.hold_worker(true);
         Ok(key)
+    }
+
+    /// Takes a waiting publish out; the worker no longer waits for the
+    /// last one.
+    fn end_publish(&mut self, key: Key) -> Option<Waiting> {
+        let w = self.publishes.remove(key);
+        if self.publishes.is_empty() {
+            self.link.hold_worker(false);
+        }
+        w
     }
 
     /// The request of a waiting publish is gone.
     pub fn forget_publish(&mut self, key: Key) {
-        self.publishes.remove(key);
+        self.end_publish(key);
+    }
+
+    /// The requests still waiting as the worker exits.
+    pub fn abandon_publishes(&mut self) -> Vec<NonNull<ngx_http_request_t>> {
+        (self.publishes.keys().into_iter())
+            .filter_map(|k| self.end_publish(k))
+            .map(|w| w.r)
+            .collect()
     }
 
     /// Redis has answered a publish (or the command was lost): the request
     /// gets its answer.
     fn answer_publish(&mut self, key: Key, reply: Option<&Value>) {
-        let Some(w) = self.publishes.remove(key) else {
+        let Some(w) = self.end_publish(key) else {
             return;
         };
         let failed = |code, message: &str| {

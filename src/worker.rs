@@ -15,7 +15,7 @@ use wschat_core::slab::{Key, Slab};
 
 use crate::conf::{self, LocConf, MainConf};
 use crate::metrics::{self, Counter, Gauge, PublishStatus};
-use crate::publish::{Outgoing, Refused};
+use crate::publish::{self, Outgoing, Refused};
 use crate::redis_link::{Handlers, Link, Role, Wake};
 use crate::request_ctx::RequestCtx;
 use crate::rooms::Rooms;
@@ -87,6 +87,18 @@ pub fn shutdown() {
     for finish in with(Worker::close_all).unwrap_or_default() {
         // SAFETY: the state is not borrowed; each connection is live.
         unsafe { finish.run() };
+    }
+    // Only a fast shutdown leaves publishes waiting (a graceful one waits
+    // for them): they are answered 503 rather than left as open sockets.
+    let waiting = with(|w| {
+        (w.rooms.iter_mut().flatten())
+            .flat_map(Rooms::abandon_publishes)
+            .collect::<Vec<_>>()
+    });
+    for r in waiting.unwrap_or_default() {
+        // SAFETY: a waiting request is live until finalized; the state is
+        // not borrowed, and its cleanup finds nothing left to forget.
+        unsafe { publish::abandon(r.as_ptr()) };
     }
     // SAFETY: as in `init`; nothing refers to the state any more.
     unsafe { *ptr::addr_of_mut!(WORKER) = None };
