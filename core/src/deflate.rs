@@ -139,6 +139,8 @@ pub struct Unframer {
     frame: Option<Frame>,
     /// The compressed message being collected: its opcode and payload.
     message: Option<(u8, Vec<u8>)>,
+    /// An uncompressed message has begun and not ended (its frames pass).
+    plain_open: bool,
 }
 
 impl Unframer {
@@ -149,6 +151,7 @@ impl Unframer {
             have: 0,
             frame: None,
             message: None,
+            plain_open: false,
         }
     }
 
@@ -227,8 +230,13 @@ impl Unframer {
         };
         let (fin, rsv1, opcode) = (h[0] & 0x80 != 0, h[0] & 0x40 != 0, h[0] & 0x0f);
         let control = opcode & 0x08 != 0;
+        // A message's frames may only be interleaved with control frames
+        // (RFC 6455 5.4); the parser never sees a compressed message's, so
+        // this is checked here.
+        let open = self.message.is_some() || self.plain_open;
         let compressed = !control
             && match (opcode, rsv1) {
+                (_, _) if opcode != 0 && open => return Err(Violation::Interleaved),
                 (0, _) => self.message.is_some(),
                 (_, true) => {
                     self.message = Some((opcode, Vec::new()));
@@ -236,6 +244,9 @@ impl Unframer {
                 }
                 (_, false) => false,
             };
+        if !control && !compressed {
+            self.plain_open = !fin;
+        }
         let mut mask = [0; 4];
         mask.copy_from_slice(&h[len_end..len_end + 4]);
         if !compressed {
@@ -402,6 +413,25 @@ mod tests {
         for chunk in [1, 2, 3, 5, 64, stream.len()] {
             assert_eq!(run(&stream, chunk), Ok(want.clone()), "chunk {chunk}");
         }
+    }
+
+    #[test]
+    fn messages_do_not_interleave() {
+        let compressed_then_plain = [frame(0x41, b"comp"), frame(0x81, b"plain")].concat();
+        let compressed_then_compressed = [frame(0x41, b"a"), frame(0xc1, b"b")].concat();
+        let plain_then_compressed = [frame(0x01, b"a"), frame(0xc1, b"b")].concat();
+        let plain_then_plain = [frame(0x01, b"a"), frame(0x81, b"b")].concat();
+        for stream in [
+            compressed_then_plain,
+            compressed_then_compressed,
+            plain_then_compressed,
+            plain_then_plain,
+        ] {
+            assert_eq!(run(&stream, 1), Err(Violation::Interleaved));
+        }
+        // A plain message's continuation passes; so does one after it ended.
+        let plain = [frame(0x01, b"a"), frame(0x80, b"b"), frame(0xc1, b"c")].concat();
+        assert!(run(&plain, 2).is_ok());
     }
 
     #[test]

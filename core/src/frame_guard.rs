@@ -19,6 +19,8 @@ pub enum Violation {
     TooBig,
     /// A compressed message that does not inflate (permessage-deflate).
     BadCompression,
+    /// A new data message before the last one's final frame.
+    Interleaved,
 }
 
 impl Violation {
@@ -40,6 +42,7 @@ impl Violation {
             Violation::BadLength => "invalid frame length",
             Violation::TooBig => "message too big",
             Violation::BadCompression => "invalid compressed data",
+            Violation::Interleaved => "new message inside a fragmented one",
         }
     }
 }
