@@ -798,13 +798,7 @@ extern "C" fn set_presence(
     _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    set_once(cf, &mut loc_conf_mut(conf).presence, |args| {
-        match args[0].as_bytes() {
-            b"on" => Ok(true),
-            b"off" => Ok(false),
-            _ => Err(ConfError::Invalid("invalid value (on or off)")),
-        }
-    })
+    set_once(cf, &mut loc_conf_mut(conf).presence, on_off)
 }
 
 extern "C" fn set_deflate(
@@ -812,13 +806,7 @@ extern "C" fn set_deflate(
     _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    set_once(cf, &mut loc_conf_mut(conf).deflate, |args| {
-        match args[0].as_bytes() {
-            b"on" => Ok(true),
-            b"off" => Ok(false),
-            _ => Err(ConfError::Invalid("invalid value (on or off)")),
-        }
-    })
+    set_once(cf, &mut loc_conf_mut(conf).deflate, on_off)
 }
 
 extern "C" fn set_access_log(
@@ -886,13 +874,16 @@ extern "C" fn set_ssl_verify(
     _: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    set_once(cf, &mut main_conf_mut(conf).tls.verify, |args| {
-        match args[0].as_bytes() {
-            b"on" => Ok(true),
-            b"off" => Ok(false),
-            _ => Err(ConfError::Invalid("invalid value (on or off)")),
-        }
-    })
+    set_once(cf, &mut main_conf_mut(conf).tls.verify, on_off)
+}
+
+/// `on` or `off`, for the flags that `set_once` stores.
+fn on_off(args: &[ngx_str_t]) -> Result<bool, ConfError> {
+    match args[0].as_bytes() {
+        b"on" => Ok(true),
+        b"off" => Ok(false),
+        _ => Err(ConfError::Invalid("invalid value (on or off)")),
+    }
 }
 
 /// A file name, kept as nginx read it (the configuration pool holds it).

@@ -157,21 +157,6 @@ sub answer_is {
 
 # ---------------------------------------------------------------- members
 
-# Message events $c receives until the one with text $text (included), within
-# $timeout seconds: (arrayref of them, whether that one came).
-sub messages_until {
-    my ($c, $text, $timeout) = @_;
-    my @m;
-    my $deadline = time + ($timeout // 5);
-    while ((my $left = $deadline - time) > 0) {
-        my $ev = $c->recv_json($left) or last;
-        next unless type_of($ev) eq 'message';
-        push @m, $ev;
-        return (\@m, 1) if $ev->{text} eq $text;
-    }
-    return (\@m, 0);
-}
-
 # Every member's next message events are exactly @texts (the last one
 # marks the end). Returns each member's events.
 sub members_get_only {

@@ -268,20 +268,6 @@ sub waiting_post {
 
 # ---------------------------------------------------------------- members
 
-# Message events $c receives until the one with text $text (included).
-sub messages_until {
-    my ($c, $text, $timeout) = @_;
-    my @m;
-    my $deadline = time + ($timeout // 5);
-    while ((my $left = $deadline - time) > 0) {
-        my $ev = $c->recv_json($left) or last;
-        next unless type_of($ev) eq 'message';
-        push @m, $ev;
-        return (\@m, 1) if $ev->{text} eq $text;
-    }
-    return (\@m, 0);
-}
-
 # Every member's next messages are exactly @$texts (the last marks the end).
 sub members_get_only {
     my ($members, $texts, $name) = @_;

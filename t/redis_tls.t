@@ -25,8 +25,6 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
-use IO::Socket::INET ();
-use IO::Select ();
 use JSON::PP ();
 use Time::HiRes qw(time);
 use ChatTest;
@@ -157,26 +155,10 @@ sub attempts {
         qr/websocket_chat: (?:subscriber|command) connection to Redis $d (?:failed|lost): $why_re; retrying in \d+ ms$/);
 }
 
-# One HTTP/1.0 request (the body ends at EOF): {status, body} or undef.
+# One HTTP/1.0 request (see WSClient::http_request).
 sub http_req {
     my ($port, $method, $path, $body) = @_;
-    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
-                                  Proto => 'tcp', Timeout => 5) or return undef;
-    binmode $s;
-    my $req = "$method $path HTTP/1.0\r\nHost: 127.0.0.1:$port\r\n";
-    $req .= 'Content-Length: ' . length($body) . "\r\n" if defined $body;
-    $req .= "\r\n" . ($body // '');
-    return undef unless WSClient::_write_all($s, $req, 5);
-    my ($buf, $deadline, $sel) = ('', time + 5, IO::Select->new($s));
-    while (1) {
-        my $left = $deadline - time;
-        last if $left <= 0 || !$sel->can_read($left);
-        my $n = sysread($s, $buf, 65536, length $buf);
-        last unless $n;
-    }
-    close $s;
-    return undef unless $buf =~ m{^HTTP/1\.[01] (\d{3})[^\r\n]*\r\n.*?\r\n\r\n(.*)\z}s;
-    return { status => $1, body => $2 };
+    WSClient::http_request(port => $port, method => $method, path => $path, body => $body);
 }
 
 sub status_json {

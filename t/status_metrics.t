@@ -18,7 +18,6 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
 use IO::Socket::INET;
-use IO::Select;
 use JSON::PP ();
 use Time::HiRes qw(time);
 use ChatTest;
@@ -90,33 +89,8 @@ $nginx->allow_errors(qr/\[error\] \d+#\d+: \*\d+ websocket_chat: closing session
 
 # ---------------------------------------------------------------- helpers
 
-# One HTTP/1.0 request (nginx closes after the response, so the body ends at
-# EOF). Returns {status, headers (lower-case names), body} or undef.
-sub http_req {
-    my (%o) = @_;
-    my $method = $o{method} // 'GET';
-    my $s = $o{sock} // IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
-                                              Proto => 'tcp', Timeout => 5);
-    return undef unless $s;
-    binmode $s;
-    my %h = (Host => "127.0.0.1:$port", %{ $o{headers} // {} });
-    $h{'Content-Length'} = 0 if $method eq 'POST';
-    my $req = "$method $o{path} HTTP/1.0\r\n"
-            . join('', map { "$_: $h{$_}\r\n" } sort keys %h) . "\r\n";
-    return undef unless WSClient::_write_all($s, $req, 5);
-    my ($buf, $deadline, $sel) = ('', time + 5, IO::Select->new($s));
-    while (1) {
-        my $left = $deadline - time;
-        last if $left <= 0 || !$sel->can_read($left);
-        my $n = sysread($s, $buf, 65536, length $buf);
-        last unless $n;
-    }
-    close $s;
-    my $i = index($buf, "\r\n\r\n");
-    return undef if $i < 0;
-    my ($status, $hdr) = WSClient::_parse_head(substr($buf, 0, $i + 4));
-    return { status => $status, headers => $hdr, body => substr($buf, $i + 4) };
-}
+# One HTTP/1.0 request to this nginx (see WSClient::http_request).
+sub http_req { WSClient::http_request(port => $port, @_) }
 
 sub decode_json { my $b = shift; my $j = eval { $JSON->decode($b) }; ref $j eq 'HASH' ? $j : undef }
 

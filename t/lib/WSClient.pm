@@ -136,6 +136,36 @@ sub _parse_head {
     return ($status, \%h);
 }
 
+# One plain HTTP/1.0 request (nginx closes after the answer, so the body
+# ends at EOF): http_request(port => P, path => '/status', method => 'GET',
+# headers => {...}, body => '...', sock => an already connected socket).
+# Returns {status, headers (lower-case names), body} or undef.
+sub http_request {
+    my (%o) = @_;
+    my $method = $o{method} // 'GET';
+    my $s = $o{sock} // IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $o{port},
+                                              Proto => 'tcp', Timeout => 5);
+    return undef unless $s;
+    binmode $s;
+    my %h = (Host => "127.0.0.1:$o{port}", %{ $o{headers} // {} });
+    $h{'Content-Length'} = length($o{body} // '') if defined $o{body} || $method eq 'POST';
+    my $req = "$method $o{path} HTTP/1.0\r\n"
+            . join('', map { "$_: $h{$_}\r\n" } sort keys %h) . "\r\n" . ($o{body} // '');
+    return undef unless _write_all($s, $req, 5);
+    my ($buf, $deadline, $sel) = ('', time + 5, IO::Select->new($s));
+    while (1) {
+        my $left = $deadline - time;
+        last if $left <= 0 || !$sel->can_read($left);
+        my $n = sysread($s, $buf, 65536, length $buf);
+        last unless $n;
+    }
+    close $s;
+    my $i = index($buf, "\r\n\r\n");
+    return undef if $i < 0;
+    my ($status, $hdr) = _parse_head(substr($buf, 0, $i + 4));
+    return { status => $status, headers => $hdr, body => substr($buf, $i + 4) };
+}
+
 # Send a raw request; returns (status, headers hashref, raw response, socket).
 # The raw response holds the head plus whatever body arrived (the body is
 # read up to Content-Length when present). status is undef without response.
