@@ -56,6 +56,15 @@ pub struct Endpoint {
     pub addr: RedisAddr,
     /// The resolved socket address, copied out of nginx's URL parser.
     pub sockaddr: Box<[u8]>,
+    /// `cluster=`: the seed nodes of a Redis Cluster, the first being
+    /// `addr` (whose credentials and scheme every node shares).
+    pub seeds: Option<Vec<Box<[u8]>>>,
+}
+
+impl Endpoint {
+    pub fn is_cluster(&self) -> bool {
+        self.seeds.is_some()
+    }
 }
 
 /// http-level configuration: every distinct Redis endpoint named anywhere.
@@ -148,6 +157,8 @@ pub struct LocConf {
     /// `websocket_chat_publish`: the location takes messages by POST.
     publish: bool,
     redis: Option<usize>,
+    /// The endpoint is a Redis Cluster: channels carry a hash tag.
+    sharded: bool,
     room: Option<ptr::NonNull<ngx_http_complex_value_t>>,
     user: Option<ptr::NonNull<ngx_http_complex_value_t>>,
     max_message: Option<usize>,
@@ -227,6 +238,23 @@ impl LocConf {
     /// What Redis keeps of each room, unless history is off.
     pub fn history(&self) -> Option<History> {
         self.history.unwrap_or(Some(DEFAULT_HISTORY))
+    }
+
+    /// The Redis channel of a room: `<prefix>room`, or `<prefix>{room}` on
+    /// a Redis Cluster, where the braces keep the room's channel and keys
+    /// in one slot.
+    pub fn channel(&self, room: &str) -> String {
+        let prefix = self.channel_prefix();
+        let mut channel = String::with_capacity(prefix.len() + room.len() + 2);
+        channel.push_str(prefix);
+        if self.sharded {
+            channel.push('{');
+            channel.push_str(room);
+            channel.push('}');
+        } else {
+            channel.push_str(room);
+        }
+        channel
     }
 
     /// Room `r` travels on Redis channel `<prefix>r`.
@@ -494,6 +522,19 @@ pub extern "C" fn merge_loc_conf(
         match add_endpoint(cf, DEFAULT_REDIS) {
             Ok(index) => conf.redis = Some(index),
             Err(()) => return conf_error(),
+        }
+    }
+    // SAFETY: as above.
+    if let (Some(index), Some(main)) = (conf.redis, Module::main_conf_mut(unsafe { &*cf })) {
+        conf.sharded = main.endpoints.get(index).is_some_and(Endpoint::is_cluster);
+        if conf.sharded && conf.channel_prefix().contains(['{', '}']) {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "\"websocket_chat_channel_prefix\" \"{}\" cannot hold braces with a Redis Cluster: they would move the hash tag",
+                conf.channel_prefix()
+            );
+            return conf_error();
         }
     }
     if conf.publish {
@@ -1078,20 +1119,35 @@ fn compile_complex_value(
 /// configuration, reusing an existing entry for the same server and
 /// credentials. Errors are logged against the directive's file and line.
 fn add_endpoint(cf: *mut ngx_conf_t, text: &str) -> Result<usize, ()> {
-    let addr = match redis_addr::parse(text) {
-        Ok(addr) => addr,
+    let parsed = match text.strip_prefix("cluster=") {
+        Some(list) => redis_addr::parse_cluster(list).map(|seeds| (seeds, true)),
+        None => redis_addr::parse(text).map(|addr| (vec![addr], false)),
+    };
+    let (addrs, cluster) = match parsed {
+        Ok(parsed) => parsed,
         Err(err) => {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{} \"{}\"", err, text);
             return Err(());
         }
     };
-    let sockaddr = resolve(cf, &addr)?;
+    let mut sockaddrs = Vec::with_capacity(addrs.len());
+    for addr in &addrs {
+        sockaddrs.push(resolve(cf, addr)?);
+    }
+    let addr = addrs.into_iter().next().ok_or(())?;
+    let endpoint = Endpoint {
+        addr,
+        sockaddr: sockaddrs[0].clone(),
+        seeds: cluster.then_some(sockaddrs),
+    };
     // SAFETY: inside the http block the main configuration exists.
     let main = Module::main_conf_mut(unsafe { &*cf }).ok_or(())?;
-    if let Some(index) = main.endpoints.iter().position(|e| e.addr == addr) {
+    if let Some(index) =
+        (main.endpoints.iter()).position(|e| e.addr == endpoint.addr && e.seeds == endpoint.seeds)
+    {
         return Ok(index);
     }
-    main.endpoints.push(Endpoint { addr, sockaddr });
+    main.endpoints.push(endpoint);
     Ok(main.endpoints.len() - 1)
 }
 

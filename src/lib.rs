@@ -31,6 +31,7 @@ mod send_queue;
 mod session;
 mod status;
 mod time;
+mod transport;
 mod variables;
 mod worker;
 mod zlib;

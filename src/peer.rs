@@ -212,6 +212,29 @@ impl PeerConn {
         }
     }
 
+    /// The name nginx's connection lines give the peer.
+    pub fn named(mut self, name: &str) -> Self {
+        self.rename(name);
+        self
+    }
+
+    pub fn rename(&mut self, name: &str) {
+        self.name_text = name.as_bytes().into();
+        if !self.name.data.is_null() {
+            // A live connection's pc.name points at this field.
+            self.name = ngx_str_t {
+                len: self.name_text.len(),
+                data: self.name_text.as_mut_ptr(),
+            };
+        }
+    }
+
+    /// Where the next connection goes (a cluster's slot moved to another
+    /// node, or a replica took over).
+    pub fn set_sockaddr(&mut self, sockaddr: Box<[u8]>) {
+        self.sockaddr = sockaddr;
+    }
+
     /// The address connections go to now, as a log shows it.
     pub fn address(&self) -> String {
         let mut text = [0u8; 128];
@@ -518,6 +541,39 @@ impl PeerConn {
         // SAFETY: the event lives in self, which stays in place while armed;
         // it is removed in Drop.
         unsafe { ngx::ffi::ngx_add_timer(&mut self.retry, delay_ms as _) };
+    }
+}
+
+/// A socket address as nginx connects to it, for a node a Redis Cluster
+/// named by its address.
+pub fn sockaddr_of(addr: std::net::SocketAddr) -> Box<[u8]> {
+    use ngx::ffi::{in6_addr, in6_addr__bindgen_ty_1, in_addr, sockaddr_in, sockaddr_in6};
+    fn bytes<T>(v: &T) -> Box<[u8]> {
+        // SAFETY: a plain C struct of size_of::<T>() bytes, all initialised
+        // (the sockaddr types have no padding).
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), mem::size_of::<T>()) }
+            .into()
+    }
+    match addr {
+        std::net::SocketAddr::V4(a) => bytes(&sockaddr_in {
+            sin_family: ngx::ffi::AF_INET as _,
+            sin_port: a.port().to_be(),
+            sin_addr: in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        }),
+        std::net::SocketAddr::V6(a) => bytes(&sockaddr_in6 {
+            sin6_family: ngx::ffi::AF_INET6 as _,
+            sin6_port: a.port().to_be(),
+            sin6_flowinfo: a.flowinfo(),
+            sin6_addr: in6_addr {
+                __in6_u: in6_addr__bindgen_ty_1 {
+                    __u6_addr8: a.ip().octets(),
+                },
+            },
+            sin6_scope_id: a.scope_id(),
+        }),
     }
 }
 

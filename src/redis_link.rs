@@ -26,6 +26,7 @@ use wschat_core::backoff::Backoff;
 use wschat_core::history::Request;
 use wschat_core::redis_addr::Target;
 use wschat_core::resp::{self, Limits};
+use wschat_core::slots::{self, Node, Redirect};
 use wschat_core::{envelope, history, presence};
 
 use crate::conf::{Endpoint, MainConf};
@@ -50,6 +51,10 @@ const READ_BUDGET: usize = 256 * 1024;
 
 /// The rooms layer's clock: presence summaries go out at most this often.
 pub const TICK_MS: ngx_msec_t = 1_000;
+
+/// Redirections one command or subscription follows at most before it is
+/// given up as a loop.
+pub const MAX_HOPS: u8 = 5;
 
 #[derive(Debug)]
 pub struct BacklogFull;
@@ -104,13 +109,53 @@ pub enum Event {
     /// The reply to a script `call`; `None` if the connection dropped
     /// before it came.
     Replied { call: Call, reply: Option<Value> },
-    /// Delivery stopped: a connection is down or not yet following every
-    /// channel.
-    Outage,
+    /// A message sent for `tag` was in flight when the connection dropped:
+    /// it may or may not have been published.
+    InDoubt(Tag),
+    /// Delivery stopped on the link with this shard number: a connection
+    /// is down or not yet following every channel.
+    Outage(usize),
     /// Delivery resumed after an `Outage`.
-    Recovered,
+    Recovered(usize),
     /// `TICK_MS` have passed.
     Tick,
+    /// A cluster kept redirecting the channel (a loop, or to a node with
+    /// no address): its members wait, and are told so.
+    Stalled(Box<str>),
+    /// What only the cluster router acts on.
+    Cluster(ClusterEvent),
+}
+
+/// What a cluster node said about where things live, for the router.
+pub enum ClusterEvent {
+    /// A subscription was answered MOVED or ASK: the link has forgotten
+    /// the channel, to be followed where Redis says.
+    SubscribeRedirected {
+        channel: Box<str>,
+        to: Option<Redirect>,
+    },
+    /// A command was answered MOVED or ASK: it is to be sent again there.
+    CommandRedirected(Resend),
+    /// The node stopped serving a followed channel (its slot moved away):
+    /// the link has forgotten it.
+    Unfollowed(Box<str>),
+    /// The answer to `CLUSTER SLOTS` (`None`: lost with its connection).
+    Slots(Option<Value>),
+}
+
+/// A command a node redirected, with what its sender is owed.
+pub struct Resend {
+    pub redirect: Redirect,
+    cmd: Rc<[u8]>,
+    pending: Pending,
+    hops: u8,
+}
+
+impl Resend {
+    /// How many redirections it has followed.
+    pub fn hops(&self) -> u8 {
+        self.hops
+    }
 }
 
 /// Where a channel's subscription stands on the subscriber connection. Only
@@ -136,10 +181,16 @@ enum Pending {
     Subscribe(Box<str>),
     Unsubscribe(Box<str>),
     Ping,
-    Publish(Tag),
-    Call(Call),
+    /// The bytes are kept for a cluster node's redirection, and so are the
+    /// redirections followed so far.
+    Publish(Tag, Rc<[u8]>, u8),
+    Call(Call, Rc<[u8]>, u8),
     /// SCRIPT LOAD again, after Redis forgot the scripts.
     Load,
+    /// Precedes a command sent on an ASK redirection.
+    Asking,
+    /// `CLUSTER SLOTS`.
+    Slots,
 }
 
 /// The Lua scripts the module runs (see `history` and `presence`).
@@ -181,16 +232,23 @@ pub struct Call {
 /// The scripts by hash, sent as EVALSHA once the command connection has
 /// loaded them.
 struct Scripts {
+    code: Vec<String>,
     hashes: Vec<redis::Script>,
 }
 
 impl Scripts {
-    fn new() -> Self {
+    /// On a Redis Cluster the scripts publish to shard channels, which
+    /// live in the slot of the keys they touch.
+    fn new(sharded: bool) -> Self {
+        let code: Vec<String> = (SCRIPT_CODE.iter())
+            .map(|code| match sharded {
+                true => code.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',"),
+                false => (*code).to_owned(),
+            })
+            .collect();
         Scripts {
-            hashes: SCRIPT_CODE
-                .iter()
-                .map(|code| redis::Script::new(code))
-                .collect(),
+            hashes: code.iter().map(|c| redis::Script::new(c)).collect(),
+            code,
         }
     }
 
@@ -198,12 +256,12 @@ impl Scripts {
         self.hashes[script as usize].get_hash()
     }
 
-    fn load_commands() -> Vec<Vec<u8>> {
-        (SCRIPT_CODE.iter())
+    fn load_commands(&self) -> Vec<Vec<u8>> {
+        (self.code.iter())
             .map(|code| {
                 redis::cmd("SCRIPT")
                     .arg("LOAD")
-                    .arg(*code)
+                    .arg(code)
                     .get_packed_command()
             })
             .collect()
@@ -234,6 +292,10 @@ struct Conn {
     /// Whether the instance's numbers count it as up or down (neither
     /// before its first attempt ends).
     reported: Option<bool>,
+    /// With a cluster's seeds to go through: the next one, and how many
+    /// have failed in a row.
+    next_seed: usize,
+    failed_seeds: usize,
 }
 
 impl Conn {
@@ -247,6 +309,8 @@ impl Conn {
             pending: VecDeque::new(),
             waiting_since: None,
             reported: None,
+            next_seed: 1,
+            failed_seeds: 0,
         }
     }
 
@@ -282,6 +346,18 @@ impl Conn {
         self.pending.push_back(pending);
         self.peer.schedule_flush();
         Ok(())
+    }
+
+    /// Leaves the up and down gauges: closed on purpose.
+    fn unreport(&mut self) {
+        if let Some(was) = self.reported.take() {
+            let gauge = if was {
+                Gauge::RedisUp
+            } else {
+                Gauge::RedisDown
+            };
+            metrics::adjust(gauge, -1);
+        }
     }
 
     /// Drops the AUTH / SELECT chunk if it is still queued, whole or in part.
@@ -326,6 +402,19 @@ pub struct Link {
     tls: Option<Tls>,
     /// nginx's resolver, for a host name looked up again on reconnects.
     resolver: Option<(ptr::NonNull<ngx_resolver_t>, ngx_msec_t)>,
+    /// Its place among the links of a cluster (0 for a single Redis).
+    shard: usize,
+    /// A Redis Cluster node: shard channels (SSUBSCRIBE, SPUBLISH).
+    sharded: bool,
+    /// While set, a connection that fails moves on to the next of these
+    /// addresses (a cluster's seeds, until the slot map is known).
+    seeds: Vec<Box<[u8]>>,
+    /// The subscriber connection was closed for having nothing to follow.
+    sub_idle: bool,
+    /// The node has answered as a cluster node on the current command
+    /// connection (always, for a single Redis): until then nothing is sent
+    /// to it beyond the connections' setup.
+    verified: bool,
 }
 
 /// A `rediss://` endpoint's TLS settings, as its connections use them.
@@ -381,18 +470,27 @@ fn next_bulk(items: &mut std::vec::IntoIter<Value>) -> Option<Vec<u8>> {
 }
 
 impl Link {
+    /// A link to `endpoint`, or with `node`, to that node of its cluster.
     pub fn new(
         endpoint: &'static Endpoint,
         main: &MainConf,
         log: *const ngx_log_t,
         token: usize,
         handlers: &'static Handlers,
+        (shard, node): (usize, Option<Box<[u8]>>),
     ) -> Box<Link> {
-        let display = endpoint.addr.to_string();
+        let sockaddr = node.unwrap_or_else(|| endpoint.sockaddr.clone());
         // The subscriber queue holds at most one command per channel, so
         // only the command connection's backlog needs a bound.
-        let sub = PeerConn::new(&endpoint.sockaddr, &display, log, usize::MAX);
-        let cmd = PeerConn::new(&endpoint.sockaddr, &display, log, main.redis_backlog());
+        let sub = PeerConn::new(&sockaddr, "", log, usize::MAX);
+        let cmd = PeerConn::new(&sockaddr, "", log, main.redis_backlog());
+        let sharded = endpoint.is_cluster();
+        // A cluster's nodes are named by address, as its slot map names them.
+        let display = match sharded {
+            true => cmd.address(),
+            false => endpoint.addr.to_string(),
+        };
+        let (sub, cmd) = (sub.named(&display), cmd.named(&display));
         Box::new(Link {
             endpoint,
             log: log.cast_mut(),
@@ -408,14 +506,92 @@ impl Link {
             channels: HashMap::new(),
             parser: redis::Parser::new(),
             events: Vec::new(),
-            scripts: main.uses_scripts.then(Scripts::new),
+            scripts: main.uses_scripts.then(|| Scripts::new(sharded)),
             // SAFETY: an all-zero event is an idle, unarmed one; `start_tick`
             // fills in what nginx needs.
             tick: unsafe { core::mem::zeroed() },
             reported_backlog: 0,
             tls: Tls::new(endpoint, main),
             resolver: main.resolver.map(|r| (r, main.resolver_timeout)),
+            shard,
+            sharded,
+            seeds: Vec::new(),
+            sub_idle: false,
+            verified: !sharded,
         })
+    }
+
+    /// Until `stop_rotating`, a failed connection moves on to the next of
+    /// `seeds` (its own address being the first).
+    pub fn rotate_seeds(&mut self, seeds: &[Box<[u8]>]) {
+        self.seeds = seeds.to_vec();
+    }
+
+    pub fn stop_rotating(&mut self) {
+        self.seeds.clear();
+    }
+
+    /// The address its connections go to, as a cluster's slot map names
+    /// nodes (`127.0.0.1:7000`).
+    pub fn address(&self) -> String {
+        self.cmd.peer.address()
+    }
+
+    /// The node this link speaks for has moved (a replica took over its
+    /// slots): the connections go to `sockaddr` from now on, at once.
+    pub fn retarget(&mut self, sockaddr: Box<[u8]>) {
+        self.set_address(sockaddr);
+        for role in [Role::Sub, Role::Cmd] {
+            let conn = self.conn(role);
+            conn.backoff.reset();
+            if conn.peer.state != State::Down {
+                self.on_down(role, "the node was replaced");
+            }
+            let conn = self.conn(role);
+            if conn.peer.retry.timer_set() != 0 {
+                // SAFETY: the timer was armed by arm_retry on this event.
+                unsafe { ngx::ffi::ngx_del_timer(&mut conn.peer.retry) };
+            }
+            if self.started && !(role == Role::Sub && self.sub_idle) {
+                self.connect(role);
+            }
+        }
+    }
+
+    fn set_address(&mut self, sockaddr: Box<[u8]>) {
+        self.sub.peer.set_sockaddr(sockaddr.clone());
+        self.cmd.peer.set_sockaddr(sockaddr);
+        if self.sharded {
+            self.display = self.cmd.peer.address();
+            self.sub.peer.rename(&self.display);
+            self.cmd.peer.rename(&self.display);
+        }
+    }
+
+    /// The node the link speaks to, as redirections name it.
+    fn node(&self) -> Node {
+        let address = self.address();
+        let (host, port) = address.rsplit_once(':').unwrap_or((&address, "0"));
+        Node {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: port.parse().unwrap_or(0),
+        }
+    }
+
+    /// The channels it follows or is about to.
+    pub fn wanted(&self) -> Vec<Box<str>> {
+        (self.channels.iter())
+            .filter(|(_, c)| c.wanted)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Whether it has been asked for anything yet.
+    pub fn started(&self) -> bool {
+        self.started
     }
 
     /// Takes what happened since the last call; `spare` (empty) keeps the
@@ -478,7 +654,10 @@ impl Link {
         else {
             return true;
         };
-        if host.parse::<std::net::IpAddr>().is_ok() || self.conn(role).reported.is_none() {
+        if self.sharded
+            || host.parse::<std::net::IpAddr>().is_ok()
+            || self.conn(role).reported.is_none()
+        {
             return true;
         }
         let before = self.conn(role).peer.address();
@@ -567,6 +746,7 @@ impl Link {
 
     fn on_up(&mut self, role: Role) {
         self.conn(role).report(true);
+        self.conn(role).failed_seeds = 0;
         ngx_log_error!(
             NGX_LOG_INFO,
             self.log,
@@ -576,11 +756,18 @@ impl Link {
         );
         let mut setup = self.endpoint.addr.setup_commands();
         let mut setup_replies = self.endpoint.addr.setup_reply_count();
-        if role == Role::Cmd && self.scripts.is_some() {
-            for load in Scripts::load_commands() {
+        if let (Role::Cmd, Some(scripts)) = (role, &self.scripts) {
+            for load in scripts.load_commands() {
                 setup.extend(load);
                 setup_replies += 1;
             }
+        }
+        if role == Role::Cmd && self.sharded {
+            // Every connection to a cluster node starts with the slot map:
+            // a node that is not one fails here, and a node that took over
+            // says so at once.
+            setup.extend_from_slice(&packed(&[b"CLUSTER", b"SLOTS"]));
+            setup_replies += 1;
         }
         let timeout = self.timeout;
         let conn = self.conn(role);
@@ -594,25 +781,37 @@ impl Link {
         }
         conn.peer.arm_timer(timeout);
         if role == Role::Sub {
-            let wanted: Vec<Box<str>> = (self.channels.iter())
-                .filter(|(_, c)| c.wanted)
-                .map(|(name, _)| name.clone())
-                .collect();
-            self.resubscribing = wanted.len();
-            for channel in wanted {
-                self.send_sub(&channel, Wire::Resubscribing);
-            }
-            if self.resubscribing == 0 {
-                self.on_resubscribed();
-            }
+            self.resubscribing = 0;
+            self.resubscribe();
         } else {
             self.check_recovered();
         }
         self.flush(role);
     }
 
+    /// Subscribes every wanted channel not on the wire (all of them after a
+    /// reconnect); a cluster node only once it has shown it is one.
+    fn resubscribe(&mut self) {
+        if self.verified {
+            let wanted: Vec<Box<str>> = (self.channels.iter())
+                .filter(|(_, c)| c.wanted && c.wire.is_none())
+                .map(|(name, _)| name.clone())
+                .collect();
+            self.resubscribing += wanted.len();
+            for channel in wanted {
+                self.send_sub(&channel, Wire::Resubscribing);
+            }
+        }
+        if self.resubscribing == 0 {
+            self.on_resubscribed();
+        }
+    }
+
     fn on_down(&mut self, role: Role, why: &str) {
         let log = self.log;
+        if role == Role::Cmd && self.sharded {
+            self.verified = false;
+        }
         let conn = self.conn(role);
         let was_up = conn.peer.state == State::Up;
         conn.report(false);
@@ -639,10 +838,16 @@ impl Link {
                 let mut messages = 0;
                 for lost in self.cmd.pending.drain(..in_doubt) {
                     match lost {
-                        Pending::Call(call) => {
+                        Pending::Call(call, ..) => {
                             self.events.push(Event::Replied { call, reply: None })
                         }
-                        Pending::Publish(_) => messages += 1,
+                        Pending::Publish(tag, ..) => {
+                            messages += 1;
+                            self.events.push(Event::InDoubt(tag));
+                        }
+                        Pending::Slots => {
+                            (self.events).push(Event::Cluster(ClusterEvent::Slots(None)))
+                        }
                         _ => {}
                     }
                 }
@@ -656,6 +861,9 @@ impl Link {
                     );
                 }
             }
+        }
+        if !was_up && self.next_seed(role, why) {
+            return;
         }
         let level = if was_up { NGX_LOG_ERR } else { NGX_LOG_WARN };
         let delay = self.conn(role).backoff.next_delay_ms(ids::random());
@@ -674,10 +882,49 @@ impl Link {
         self.set_outage();
     }
 
+    /// A cluster's seed failed: the connection tries the next one at once,
+    /// until each has failed once in a row; true if it did.
+    fn next_seed(&mut self, role: Role, why: &str) -> bool {
+        let n = self.seeds.len();
+        if n < 2 {
+            return false;
+        }
+        let index = self.conn(role).next_seed % n;
+        let next = self.seeds[index].clone();
+        let conn = self.conn(role);
+        let failed = conn.peer.address();
+        conn.next_seed += 1;
+        conn.failed_seeds += 1;
+        conn.peer.set_sockaddr(next);
+        if conn.failed_seeds >= n {
+            conn.failed_seeds = 0;
+            return false;
+        }
+        let trying = conn.peer.address();
+        if role == Role::Cmd {
+            self.display = trying.clone();
+        }
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            self.log,
+            "websocket_chat: {} connection to Redis cluster seed {} failed: {}; trying seed {}",
+            Self::name(role),
+            failed,
+            why,
+            trying
+        );
+        self.connect(role);
+        true
+    }
+
     /// PUBLISHes wait while the subscriber is not following every channel,
     /// so that local members receive what their own room sends.
     fn may_publish(&self) -> bool {
-        self.sub.peer.state == State::Up && self.sub.setup_pending == 0 && self.resubscribing == 0
+        self.verified
+            && (self.sub_idle
+                || (self.sub.peer.state == State::Up
+                    && self.sub.setup_pending == 0
+                    && self.resubscribing == 0))
     }
 
     fn flush(&mut self, role: Role) {
@@ -712,7 +959,7 @@ impl Link {
     fn set_outage(&mut self) {
         if !self.outage {
             self.outage = true;
-            self.events.push(Event::Outage);
+            self.events.push(Event::Outage(self.shard));
         }
     }
 
@@ -725,14 +972,16 @@ impl Link {
                 "websocket_chat: Redis {} is available again",
                 self.display
             );
-            self.events.push(Event::Recovered);
+            self.events.push(Event::Recovered(self.shard));
         }
     }
 
     fn send_sub(&mut self, channel: &str, next: Wire) {
-        let (verb, pending): (&[u8], _) = match next {
-            Wire::Unsubscribing => (b"UNSUBSCRIBE", Pending::Unsubscribe(channel.into())),
-            _ => (b"SUBSCRIBE", Pending::Subscribe(channel.into())),
+        let (verb, pending): (&[u8], _) = match (next, self.sharded) {
+            (Wire::Unsubscribing, false) => (b"UNSUBSCRIBE", Pending::Unsubscribe(channel.into())),
+            (Wire::Unsubscribing, true) => (b"SUNSUBSCRIBE", Pending::Unsubscribe(channel.into())),
+            (_, false) => (b"SUBSCRIBE", Pending::Subscribe(channel.into())),
+            (_, true) => (b"SSUBSCRIBE", Pending::Subscribe(channel.into())),
         };
         // The subscriber queue is unbounded (see `new`).
         let _ = self
@@ -752,6 +1001,9 @@ impl Link {
     /// follows otherwise, or `SubscribeRefused`).
     pub fn subscribe(&mut self, channel: &str) -> bool {
         self.ensure_started();
+        if std::mem::take(&mut self.sub_idle) {
+            self.connect(Role::Sub);
+        }
         let sub_up = self.sub.peer.state == State::Up;
         let entry = (self.channels.entry(channel.into())).or_insert(Channel {
             wanted: true,
@@ -761,7 +1013,7 @@ impl Link {
         match entry.wire {
             Some(Wire::Live) => true,
             // on_up subscribes every wanted channel.
-            None if sub_up => {
+            None if sub_up && self.verified => {
                 self.send_sub(channel, Wire::Subscribing);
                 false
             }
@@ -798,9 +1050,76 @@ impl Link {
         call: Option<Call>,
     ) -> Result<(), BacklogFull> {
         self.ensure_started();
-        let cmd = packed(&[b"PUBLISH", channel.as_bytes(), event.as_bytes()]);
-        let pending = call.map_or(Pending::Publish(tag), Pending::Call);
+        let verb: &[u8] = if self.sharded {
+            b"SPUBLISH"
+        } else {
+            b"PUBLISH"
+        };
+        let cmd = packed(&[verb, channel.as_bytes(), event.as_bytes()]);
+        let pending = match call {
+            Some(call) => Pending::Call(call, cmd.clone(), 0),
+            None => Pending::Publish(tag, cmd.clone(), 0),
+        };
         self.cmd.queue_command(cmd, pending)
+    }
+
+    /// Asks the node for the cluster's slot map; the answer comes back as
+    /// `ClusterEvent::Slots`.
+    pub fn ask_slots(&mut self) -> Result<(), BacklogFull> {
+        self.ensure_started();
+        let cmd = packed(&[b"CLUSTER", b"SLOTS"]);
+        self.cmd.queue_command(cmd, Pending::Slots)
+    }
+
+    /// Sends a command another node redirected here: after `ASKING` for an
+    /// ASK, which lets this node serve a slot it is still importing.
+    pub fn resend(&mut self, resend: Resend) -> Result<(), Resend> {
+        self.ensure_started();
+        if resend.redirect.ask {
+            let asking = packed(&[b"ASKING"]);
+            if self.cmd.queue_command(asking, Pending::Asking).is_err() {
+                return Err(resend);
+            }
+        }
+        let Resend {
+            redirect,
+            cmd,
+            pending,
+            hops,
+        } = resend;
+        let pending = match pending {
+            Pending::Publish(tag, cmd, _) => Pending::Publish(tag, cmd, hops),
+            Pending::Call(call, cmd, _) => Pending::Call(call, cmd, hops),
+            other => other,
+        };
+        if self.cmd.peer.queue.push(cmd.clone(), || 0).is_err() {
+            return Err(Resend {
+                redirect,
+                cmd,
+                pending,
+                hops,
+            });
+        }
+        self.cmd.pending.push_back(pending);
+        self.cmd.peer.schedule_flush();
+        Ok(())
+    }
+
+    /// Gives a redirected command up (a redirection loop, or nowhere to
+    /// send it): its sender is told, in `why`'s words.
+    pub fn give_up(&mut self, resend: Resend, why: &str) {
+        match resend.pending {
+            Pending::Publish(tag, ..) => self.events.push(Event::PublishRefused {
+                tag,
+                error: why.to_owned(),
+            }),
+            Pending::Call(call, ..) => {
+                let text = format!("-ERR {why}\r\n");
+                let reply = self.parser.parse_value(text.as_bytes()).ok();
+                self.events.push(Event::Replied { call, reply });
+            }
+            _ => {}
+        }
     }
 
     /// Runs one of the module's scripts; with `call`, its reply comes back
@@ -823,10 +1142,10 @@ impl Link {
         for a in args {
             cmd.arg(*a);
         }
-        let packed = Rc::from(cmd.get_packed_command());
+        let packed: Rc<[u8]> = Rc::from(cmd.get_packed_command());
         let pending = match call {
-            Some(call) => Pending::Call(call),
-            None => Pending::Publish(tag),
+            Some(call) => Pending::Call(call, packed.clone(), 0),
+            None => Pending::Publish(tag, packed.clone(), 0),
         };
         self.cmd.queue_command(packed, pending)
     }
@@ -950,7 +1269,18 @@ impl Link {
             }
             Value::ServerError(err) => {
                 match self.sub.pending.pop_front() {
-                    Some(Pending::Subscribe(channel)) => self.on_refused(channel, &err),
+                    Some(Pending::Subscribe(channel)) => match self.redirect_of(&err) {
+                        Some(to) => self.on_subscribe_redirected(channel, Some(to)),
+                        None if self.sharded && err.code() == "CLUSTERDOWN" => {
+                            self.log_refusal(&format!("SSUBSCRIBE {channel}"), &err);
+                            self.on_subscribe_redirected(channel, None)
+                        }
+                        None => self.on_refused(channel, &err),
+                    },
+                    Some(Pending::Unsubscribe(channel)) if self.redirect_of(&err).is_some() => {
+                        // The slot left this node, and the channel with it.
+                        self.on_unsubscribed(channel)
+                    }
                     _ => self.log_refusal("a subscriber command", &err),
                 }
                 return Ok(());
@@ -961,7 +1291,7 @@ impl Link {
         let Some(kind) = next_bulk(&mut items) else {
             return Err("unexpected reply");
         };
-        if kind == b"message" {
+        if kind == b"message" || kind == b"smessage" {
             let (Some(channel), Some(payload)) = (next_bulk(&mut items), next_bulk(&mut items))
             else {
                 return Err("malformed message");
@@ -969,15 +1299,76 @@ impl Link {
             self.events.push(Event::Message { channel, payload });
             return Ok(());
         }
+        if kind == b"sunsubscribe" && !self.answers_unsubscribe(items.as_slice()) {
+            // Not ours: the node gave the channel's slot away.
+            let Some(channel) = next_bulk(&mut items) else {
+                return Err("malformed sunsubscribe");
+            };
+            let channel = String::from_utf8_lossy(&channel);
+            self.on_unfollowed(&channel);
+            return Ok(());
+        }
         // subscribe, unsubscribe and pong answer a command of ours, in order.
         let answered = self.sub.pending.pop_front();
         match (kind.as_slice(), answered) {
-            (b"subscribe", Some(Pending::Subscribe(channel))) => self.on_subscribed(channel),
-            (b"unsubscribe", Some(Pending::Unsubscribe(channel))) => self.on_unsubscribed(channel),
+            (b"subscribe" | b"ssubscribe", Some(Pending::Subscribe(channel))) => {
+                self.on_subscribed(channel)
+            }
+            (b"unsubscribe" | b"sunsubscribe", Some(Pending::Unsubscribe(channel))) => {
+                self.on_unsubscribed(channel)
+            }
             (b"pong", Some(Pending::Ping)) => {}
             _ => return Err("reply out of order"),
         }
         Ok(())
+    }
+
+    /// Whether a `sunsubscribe` (its items after the kind) answers the
+    /// SUNSUBSCRIBE at the front of what is owed.
+    fn answers_unsubscribe(&self, items: &[Value]) -> bool {
+        match (self.sub.pending.front(), items.first()) {
+            (Some(Pending::Unsubscribe(ours)), Some(Value::BulkString(channel))) => {
+                ours.as_bytes() == channel.as_slice()
+            }
+            _ => false,
+        }
+    }
+
+    /// A MOVED or ASK error from a cluster node.
+    fn redirect_of(&self, err: &redis::ServerError) -> Option<Redirect> {
+        if !self.sharded {
+            return None;
+        }
+        slots::parse_redirect(err.code(), err.details().unwrap_or(""), &self.node())
+    }
+
+    /// `to` is where the node sent the channel; `None`: nowhere (the
+    /// cluster does not serve its slot right now).
+    fn on_subscribe_redirected(&mut self, channel: Box<str>, to: Option<Redirect>) {
+        let was = self.channels.remove(&channel);
+        if was.as_ref().is_some_and(|c| c.wanted) {
+            (self.events).push(Event::Cluster(ClusterEvent::SubscribeRedirected {
+                channel,
+                to,
+            }));
+        }
+        self.end_resubscribe(was.and_then(|c| c.wire));
+    }
+
+    /// The node no longer serves a channel that was live here.
+    fn on_unfollowed(&mut self, channel: &str) {
+        let Some(entry) = self.channels.get(channel) else {
+            return;
+        };
+        // A subscription in flight is settled by its own reply.
+        if entry.wire != Some(Wire::Live) {
+            return;
+        }
+        let wanted = entry.wanted;
+        self.channels.remove(channel);
+        if wanted {
+            (self.events).push(Event::Cluster(ClusterEvent::Unfollowed(channel.into())));
+        }
     }
 
     fn end_resubscribe(&mut self, wire: Option<Wire>) {
@@ -1012,6 +1403,23 @@ impl Link {
         }
     }
 
+    /// A cluster node that serves none of this worker's rooms any more
+    /// (their slots moved) keeps no subscriber connection open for them;
+    /// the next channel opens it again. Not an outage: nothing waits on it.
+    /// Called once the replies read have been handled.
+    fn idle_subscriber(&mut self) {
+        let quiet = self.channels.is_empty()
+            && self.sub.pending.is_empty()
+            && self.sub.peer.queue.chunk_count() == 0;
+        if !self.sharded || !quiet || self.sub.peer.state != State::Up {
+            return;
+        }
+        self.sub.drop_setup();
+        self.sub.peer.close();
+        self.sub.unreport();
+        self.sub_idle = true;
+    }
+
     /// One channel refused: only its rooms are told; every other channel
     /// and the connection itself carry on.
     fn on_refused(&mut self, channel: Box<str>, err: &redis::ServerError) {
@@ -1031,13 +1439,31 @@ impl Link {
             if err.code() == "NOSCRIPT" && !matches!(answered, Some(Pending::Load)) {
                 self.reload_scripts();
             }
+            if let (
+                Some(redirect),
+                Some(Pending::Publish(_, cmd, hops) | Pending::Call(_, cmd, hops)),
+            ) = (self.redirect_of(err), &answered)
+            {
+                let (cmd, hops) = (cmd.clone(), hops + 1);
+                let pending = answered.expect("matched above");
+                (self.events).push(Event::Cluster(ClusterEvent::CommandRedirected(Resend {
+                    redirect,
+                    cmd,
+                    pending,
+                    hops,
+                })));
+                return Ok(());
+            }
         }
         match (answered, value) {
-            (Some(Pending::Call(call)), reply) => self.events.push(Event::Replied {
+            (Some(Pending::Slots), reply) => {
+                (self.events).push(Event::Cluster(ClusterEvent::Slots(Some(reply))))
+            }
+            (Some(Pending::Call(call, ..)), reply) => self.events.push(Event::Replied {
                 call,
                 reply: Some(reply),
             }),
-            (Some(Pending::Publish(tag)), Value::ServerError(err)) => {
+            (Some(Pending::Publish(tag, ..)), Value::ServerError(err)) => {
                 self.events.push(Event::PublishRefused {
                     tag,
                     error: error_text(&err),
@@ -1052,17 +1478,13 @@ impl Link {
     /// Redis lost the scripts (SCRIPT FLUSH, a restart behind a proxy):
     /// load them again, once, ahead of whatever is still queued.
     fn reload_scripts(&mut self) {
-        if self.scripts.is_none() {
-            return;
-        }
         if self.cmd.pending.iter().any(|p| matches!(p, Pending::Load)) {
             return;
         }
-        for code in [history::APPEND_SCRIPT, history::FETCH_SCRIPT] {
-            let load = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(code)
-                .get_packed_command();
+        let Some(scripts) = &self.scripts else {
+            return;
+        };
+        for load in scripts.load_commands() {
             // The queue is the backlog, but these must go.
             self.cmd.peer.queue.push_unbounded(Rc::from(load));
             self.cmd.pending.push_back(Pending::Load);
@@ -1072,7 +1494,10 @@ impl Link {
 
     /// Which setup command the reply at `index` answers: AUTH and SELECT
     /// as the address asks, then the script loads.
-    fn setup_name(&self, index: usize) -> &'static str {
+    fn setup_name(&self, role: Role, index: usize) -> &'static str {
+        if self.is_slots_setup(role, index) {
+            return "CLUSTER SLOTS (is it a cluster node?)";
+        }
         let addr = &self.endpoint.addr;
         let auth_select = [
             addr.password.as_ref().map(|_| "AUTH"),
@@ -1083,20 +1508,34 @@ impl Link {
             .unwrap_or("SCRIPT LOAD")
     }
 
+    /// Whether the setup reply at `index` is the cluster's slot map (the
+    /// last of a cluster command connection's).
+    fn is_slots_setup(&self, role: Role, index: usize) -> bool {
+        self.sharded && role == Role::Cmd && index + 1 == self.cmd.setup_total
+    }
+
     fn check_setup(&mut self, role: Role, value: Value) -> Result<(), &'static str> {
+        let conn = self.conn(role);
+        let index = conn.setup_total - conn.setup_pending - 1;
         if let Value::ServerError(err) = value {
-            let conn = self.conn(role);
-            let index = conn.setup_total - conn.setup_pending - 1;
             ngx_log_error!(
                 NGX_LOG_ERR,
                 self.log,
                 "websocket_chat: Redis {} refused the {} connection's {}: {}",
                 self.display,
                 Self::name(role),
-                self.setup_name(index),
+                self.setup_name(role, index),
                 error_text(&err)
             );
             return Err("command refused");
+        }
+        if self.is_slots_setup(role, index) {
+            (self.events).push(Event::Cluster(ClusterEvent::Slots(Some(value))));
+            self.verified = true;
+            if self.sub.peer.state == State::Up {
+                self.resubscribe();
+            }
+            self.cmd.peer.schedule_flush();
         }
         if role == Role::Sub && self.sub.setup_pending == 0 && self.resubscribing == 0 {
             self.on_resubscribed();
@@ -1155,6 +1594,8 @@ impl Link {
         }
         if matches!(outcome, ReadOutcome::Closed) {
             self.on_down(role, "connection closed");
+        } else if role == Role::Sub {
+            self.idle_subscriber();
         }
     }
 

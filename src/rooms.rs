@@ -23,8 +23,9 @@ use ngx::ngx_log_error;
 use crate::conf::LocConf;
 use crate::metrics::{self, Gauge, PublishStatus};
 use crate::publish::{self, Outgoing, Refused};
-use crate::redis_link::{self, BacklogFull, Call, Event, Link, Op, Script};
+use crate::redis_link::{self, BacklogFull, Call, Event, Op, Script};
 use crate::session::{close, Admission, Held, Mark, Session};
+use crate::transport::Transport;
 use crate::{ids, time};
 
 /// Live messages a recovering room holds at most; past it, recovery is
@@ -64,13 +65,13 @@ impl Room {
 }
 
 pub struct Rooms {
-    pub link: Box<Link>,
+    pub transport: Transport,
     /// Channel → keys of the local sessions in that room.
     members: Registry<Key>,
     rooms: HashMap<Box<str>, Room>,
-    /// Prefixes with members present in Redis, and how many: this worker
-    /// renews its lease under each.
-    prefixes: HashMap<Box<str>, usize>,
+    /// Lease scopes (see `Transport::lease_scope`) with members present in
+    /// Redis, and how many: this worker renews its lease under each.
+    scopes: HashMap<Box<str>, usize>,
     ticks: u64,
     /// The event buffer handed back to the link between turns.
     spare: Vec<Event>,
@@ -90,12 +91,12 @@ struct Waiting {
 const NOBODY: u64 = 0;
 
 impl Rooms {
-    pub fn new(link: Box<Link>) -> Self {
+    pub fn new(transport: Transport) -> Self {
         Rooms {
-            link,
+            transport,
             members: Registry::new(),
             rooms: HashMap::new(),
-            prefixes: HashMap::new(),
+            scopes: HashMap::new(),
             ticks: 0,
             spare: Vec::new(),
             publishes: Slab::new(),
@@ -113,7 +114,7 @@ impl Rooms {
         sid: &str,
     ) -> Result<Key, BacklogFull> {
         let r = NonNull::new(r).ok_or(BacklogFull)?;
-        let channel = format!("{}{}", conf.channel_prefix(), out.room);
+        let channel = conf.channel(&out.room);
         let head = envelope::message_head(&out.room, &out.user, sid, &out.text, time::now_ms());
         let id = conf.history().is_none().then(ids::next_id);
         let key = self.publishes.insert(Waiting {
@@ -127,7 +128,7 @@ impl Rooms {
             channel: channel.as_str().into(),
         };
         let sent = match (conf.history(), id) {
-            (Some(h), _) => self.link.append(
+            (Some(h), _) => self.transport.append(
                 &channel,
                 &head,
                 (h.count, h.keep_ms),
@@ -138,14 +139,14 @@ impl Rooms {
                 let mut event = head;
                 event.push_str(id.as_deref().unwrap_or_default());
                 event.push_str(envelope::ID_TAIL);
-                (self.link).publish(&channel, &event, NOBODY, Some(call(Op::Publish)))
+                (self.transport).publish(&channel, &event, NOBODY, Some(call(Op::Publish)))
             }
         };
         if sent.is_err() {
             self.publishes.remove(key);
             return Err(BacklogFull);
         }
-        self.link.hold_worker(true);
+        self.transport.hold_worker(true);
         Ok(key)
     }
 
@@ -154,7 +155,7 @@ impl Rooms {
     fn end_publish(&mut self, key: Key) -> Option<Waiting> {
         let w = self.publishes.remove(key);
         if self.publishes.is_empty() {
-            self.link.hold_worker(false);
+            self.transport.hold_worker(false);
         }
         w
     }
@@ -194,7 +195,7 @@ impl Rooms {
                 let text = redis_link::error_text(err);
                 ngx_log_error!(
                     NGX_LOG_ERR,
-                    self.link.log(),
+                    self.transport.log(),
                     "websocket_chat: Redis refused a published message for \"{}\": {}",
                     w.room,
                     text
@@ -220,14 +221,14 @@ impl Rooms {
         }
         (self.rooms.entry(s.channel().into())).or_insert_with(|| Room::new(s.room()));
         s.in_room = true;
-        if self.link.in_outage() {
+        if self.transport.in_outage(s.channel()) {
             s.notify(
                 Status::Error,
                 "redis_unavailable",
                 "chat delivery is interrupted; you will join when it is back",
             );
         }
-        if self.link.subscribe(s.channel()) {
+        if self.transport.subscribe(s.channel()) {
             self.admit(s);
         }
     }
@@ -244,13 +245,14 @@ impl Rooms {
                 // Forgotten on a later tick, once nothing is owed to it.
                 room.was_live = false;
             }
-            self.link.unsubscribe(s.channel());
+            self.transport.unsubscribe(s.channel());
         }
         if !s.present {
             return;
         }
         s.present = false;
-        if let Some(n) = self.prefixes.get_mut(s.prefix()) {
+        let scope = self.transport.lease_scope(s.prefix(), s.channel());
+        if let Some(n) = self.scopes.get_mut(scope.as_str()) {
             *n = n.saturating_sub(1);
         }
         let event = envelope::presence_id_head(
@@ -277,7 +279,8 @@ impl Rooms {
         // Session::deliver); a leave's member may be gone by then.
         let tag = if joined { s.key().to_raw() } else { NOBODY };
         let members = presence::members_key(s.channel());
-        let node = presence::node_key(s.prefix(), &ids::node());
+        let scope = self.transport.lease_scope(s.prefix(), s.channel());
+        let node = presence::node_key(&scope, &ids::node());
         let seq = presence::seq_key(s.channel());
         let call = Call {
             op: Op::Run(script),
@@ -285,7 +288,7 @@ impl Rooms {
             channel: s.channel().into(),
         };
         let keys = [members.as_str(), node.as_str(), seq.as_str()];
-        let sent = self.link.eval(script, &keys, args, NOBODY, Some(call));
+        let sent = self.transport.eval(script, &keys, args, NOBODY, Some(call));
         if sent.is_ok() {
             if let Some(room) = self.rooms.get_mut(s.channel()) {
                 room.awaiting
@@ -339,18 +342,19 @@ impl Rooms {
         }
         if s.announces_presence() {
             s.present = true;
-            let n = self.prefixes.entry(s.prefix().into()).or_insert(0);
+            let scope = self.transport.lease_scope(s.prefix(), s.channel());
+            let n = self.scopes.entry(scope.as_str().into()).or_insert(0);
             *n += 1;
             if *n == 1 {
                 // A lease from the start: a worker that dies before its
                 // first renewal is swept like any other.
-                self.renew(s.prefix());
+                self.renew(&scope);
             }
             self.register(s, true);
         }
         // Asked for after the registration, so that the list includes the
         // member, and before anything it typed is published.
-        if let Admission::Welcomed(early) = s.admit(&mut self.link) {
+        if let Admission::Welcomed(early) = s.admit(&mut self.transport) {
             self.publish_early(s, early);
         }
     }
@@ -358,15 +362,15 @@ impl Rooms {
     /// Publishes what a member typed before its welcome.
     fn publish_early(&mut self, s: &mut Session, early: Option<Vec<String>>) {
         for head in early.into_iter().flatten() {
-            if s.send_message(&mut self.link, head).is_err() {
+            if s.send_message(&mut self.transport, head).is_err() {
                 s.notify_backlog_full();
             }
         }
     }
 
-    /// Renews this worker's lease under `prefix`, and sweeps dead nodes.
-    fn renew(&mut self, prefix: &str) {
-        let nodes = presence::nodes_key(prefix);
+    /// Renews this worker's lease under `scope`, and sweeps dead nodes.
+    fn renew(&mut self, scope: &str) {
+        let nodes = presence::nodes_key(scope);
         let (lease, sweep, busy) = (
             presence::LEASE_MS.to_string(),
             presence::SWEEP_NODES.to_string(),
@@ -376,18 +380,18 @@ impl Rooms {
         let args: [&[u8]; 5] = [
             node.as_bytes(),
             lease.as_bytes(),
-            prefix.as_bytes(),
+            scope.as_bytes(),
             sweep.as_bytes(),
             busy.as_bytes(),
         ];
         let call = Call {
             op: Op::Run(Script::Renew),
             tag: NOBODY,
-            channel: prefix.into(),
+            channel: scope.into(),
         };
         // A full backlog means Redis is away; the next tick renews.
         let _ = self
-            .link
+            .transport
             .eval(Script::Renew, &[&nodes], &args, NOBODY, Some(call));
     }
 
@@ -405,7 +409,7 @@ impl Rooms {
             let args: [&[u8]; 3] = [channel.as_bytes(), head.as_bytes(), tail.as_bytes()];
             // Dropped with a full backlog: Redis is away, and the members
             // are told so; the count is right again in the next summary.
-            let _ = (self.link).eval(Script::Summary, &[&members, &seq], &args, NOBODY, None);
+            let _ = (self.transport).eval(Script::Summary, &[&members, &seq], &args, NOBODY, None);
         }
         let members = &self.members;
         self.rooms.retain(|channel, room| {
@@ -415,12 +419,12 @@ impl Rooms {
         });
         let every = presence::RENEW_MS / crate::redis_link::TICK_MS as u64;
         if self.ticks.is_multiple_of(every) {
-            let prefixes: Vec<Box<str>> = (self.prefixes.iter())
+            let scopes: Vec<Box<str>> = (self.scopes.iter())
                 .filter(|(_, n)| **n > 0)
                 .map(|(p, _)| p.clone())
                 .collect();
-            for prefix in prefixes {
-                self.renew(&prefix);
+            for scope in scopes {
+                self.renew(&scope);
             }
         }
     }
@@ -428,7 +432,7 @@ impl Rooms {
     /// Carries out what the link reported, until it reports nothing more.
     pub fn handle_events(&mut self, sessions: &mut Slab<Session>) {
         loop {
-            let mut events = self.link.take_events(std::mem::take(&mut self.spare));
+            let mut events = self.transport.take_events(std::mem::take(&mut self.spare));
             if events.is_empty() {
                 self.spare = events;
                 return;
@@ -474,7 +478,7 @@ impl Rooms {
                             NGX_LOG_ERR,
                             s.log(),
                             "websocket_chat: Redis {} refused the message of \"{}\" in \"{}\" (channel {}): {}",
-                            self.link.display(),
+                            self.transport.display(s.channel()),
                             s.user(),
                             s.room(),
                             s.channel(),
@@ -489,9 +493,8 @@ impl Rooms {
                     None => {
                         ngx_log_error!(
                             NGX_LOG_ERR,
-                            self.link.log(),
-                            "websocket_chat: Redis {} refused a command: {}",
-                            self.link.display(),
+                            self.transport.log(),
+                            "websocket_chat: Redis refused a command: {}",
                             error
                         );
                     }
@@ -499,21 +502,45 @@ impl Rooms {
             }
             Event::Replied { call, reply } => self.replied(sessions, call, reply.as_ref()),
             Event::Tick => self.on_tick(),
-            Event::Outage => self.notify_all(
+            Event::Outage(shard) => self.notify_shard(
                 sessions,
+                Some(shard),
                 Status::Error,
                 "redis_unavailable",
                 "chat delivery is interrupted; messages you send are kept and delivered when it is back",
             ),
-            Event::Recovered => {
-                self.reregister(sessions);
-                self.notify_all(
+            Event::Recovered(shard) => {
+                self.reregister(sessions, shard);
+                self.notify_shard(
                     sessions,
+                    Some(shard),
                     Status::Notice,
                     "redis_available",
                     "chat delivery resumed",
                 );
             }
+            Event::InDoubt(tag) => {
+                if let Some(s) = Key::from_raw(tag).and_then(|k| sessions.get_mut(k)) {
+                    s.notify(
+                        Status::Error,
+                        "message_in_doubt",
+                        "the connection to Redis dropped with your message in flight: it may not have been delivered",
+                    );
+                }
+            }
+            Event::Stalled(channel) => {
+                for &key in self.members.members(&channel) {
+                    if let Some(s) = sessions.get_mut(key) {
+                        s.notify(
+                            Status::Error,
+                            "redis_unavailable",
+                            "the Redis cluster does not say where this room lives; retrying",
+                        );
+                    }
+                }
+            }
+            // The transport keeps these to itself.
+            Event::Cluster(_) => {}
         }
     }
 
@@ -530,7 +557,7 @@ impl Rooms {
                 let Some(s) = sessions.get_mut(key) else {
                     return;
                 };
-                let (newest, early) = s.end_fetch(reply, &mut self.link);
+                let (newest, early) = s.end_fetch(reply, &mut self.transport);
                 if let Some(room) = self.rooms.get_mut(&*call.channel) {
                     room.last = room.last.max(newest);
                 }
@@ -543,9 +570,9 @@ impl Rooms {
                 if let Some(Value::ServerError(err)) = reply {
                     ngx_log_error!(
                         NGX_LOG_ERR,
-                        self.link.log(),
+                        self.transport.log(),
                         "websocket_chat: Redis {} refused the member list update of {}: {}",
-                        self.link.display(),
+                        self.transport.display(&call.channel),
                         call.channel,
                         redis_link::error_text(err)
                     );
@@ -582,15 +609,21 @@ impl Rooms {
     }
 
     /// After an outage Redis may have lost the member lists (a restart
-    /// without persistence): put this worker's members back, silently.
-    fn reregister(&mut self, sessions: &mut Slab<Session>) {
+    /// without persistence): put this worker's members on that shard back,
+    /// silently.
+    fn reregister(&mut self, sessions: &mut Slab<Session>, shard: usize) {
+        let transport = &self.transport;
         let present: Vec<Key> = (self.members.rooms())
+            .filter(|room| transport.shard_of(room) == shard)
             .flat_map(|room| self.members.members(room).iter().copied())
             .filter(|&k| sessions.get(k).is_some_and(|s| s.present))
             .collect();
-        let prefixes: Vec<Box<str>> = self.prefixes.keys().cloned().collect();
-        for prefix in prefixes {
-            self.renew(&prefix);
+        let scopes: Vec<Box<str>> = (self.scopes.keys())
+            .filter(|scope| transport.shard_of(&presence::nodes_key(scope)) == shard)
+            .cloned()
+            .collect();
+        for scope in scopes {
+            self.renew(&scope);
         }
         for key in present {
             if let Some(s) = sessions.get_mut(key) {
@@ -607,7 +640,7 @@ impl Rooms {
         else {
             ngx_log_error!(
                 NGX_LOG_WARN,
-                self.link.log(),
+                self.transport.log(),
                 "websocket_chat: ignored a non-UTF-8 event on channel {}",
                 String::from_utf8_lossy(channel)
             );
@@ -622,7 +655,7 @@ impl Rooms {
                 }
                 ngx_log_error!(
                     NGX_LOG_WARN,
-                    self.link.log(),
+                    self.transport.log(),
                     "websocket_chat: gave up recovering channel {}: too much arrived meanwhile",
                     channel
                 );
@@ -664,7 +697,7 @@ impl Rooms {
             keep_ms: h.keep_ms,
             members: 0,
         };
-        if self.link.fetch(channel, &req, NOBODY).is_ok() {
+        if self.transport.fetch(channel, &req, NOBODY).is_ok() {
             room.recovering = Some((req, Held::default()));
         }
     }
@@ -678,7 +711,7 @@ impl Rooms {
         };
         let Some(reply) = reply else {
             // Lost with its connection: ask again.
-            if self.link.fetch(channel, &req, NOBODY).is_err() {
+            if self.transport.fetch(channel, &req, NOBODY).is_err() {
                 self.release_recovery(sessions, channel);
             }
             return;
@@ -706,7 +739,7 @@ impl Rooms {
             Err(_) => {
                 ngx_log_error!(
                     NGX_LOG_WARN,
-                    self.link.log(),
+                    self.transport.log(),
                     "websocket_chat: could not fetch what channel {} missed: {:?}",
                     channel,
                     reply
@@ -726,8 +759,17 @@ impl Rooms {
         }
     }
 
-    fn notify_all(&self, sessions: &mut Slab<Session>, kind: Status, code: &str, message: &str) {
-        for room in self.members.rooms() {
+    /// Tells the members of every room on `shard` (or of all rooms).
+    fn notify_shard(
+        &self,
+        sessions: &mut Slab<Session>,
+        shard: Option<usize>,
+        kind: Status,
+        code: &str,
+        message: &str,
+    ) {
+        let on_shard = |room: &&str| shard.is_none_or(|n| self.transport.shard_of(room) == n);
+        for room in self.members.rooms().filter(on_shard) {
             for &key in self.members.members(room) {
                 if let Some(s) = sessions.get_mut(key) {
                     s.notify(kind, code, message);

@@ -31,9 +31,10 @@ use wschat_core::slab::Key;
 use crate::client_io::{self, ClientIo};
 use crate::conf::{History, LocConf, LogAt};
 use crate::metrics::{self, CloseKind, Counter, Gauge};
-use crate::redis_link::{BacklogFull, Link};
+use crate::redis_link::BacklogFull;
 use crate::request_ctx::{pool_str, RequestCtx};
 use crate::send_queue::{FlushTo, Flushed};
+use crate::transport::Transport;
 use crate::{ids, time, zlib};
 
 /// tungstenite's read buffer is allocated (and zero-filled on the first
@@ -285,9 +286,7 @@ impl Session {
         let mut io = ClientIo::new(c, conf.send_limit(), conf.max_message(), deflate.is_some());
         let preread = io.admit_preread(preread);
         let ws = WebSocket::from_partially_read(io, preread, Role::Server, Some(config));
-        let mut channel = String::with_capacity(conf.channel_prefix().len() + room.len());
-        channel.push_str(conf.channel_prefix());
-        channel.push_str(&room);
+        let channel = conf.channel(&room);
         let since_pos = since.as_deref().and_then(Position::parse);
         let sid: Box<str> = ids::next_id().into();
         // SAFETY: r is live (caller).
@@ -462,7 +461,7 @@ impl Session {
     /// Publishes a message event given up to its id: stored in the room's
     /// history (which assigns the id) or, with history off, with an id of
     /// our own.
-    pub fn send_message(&mut self, link: &mut Link, head: String) -> Result<(), BacklogFull> {
+    pub fn send_message(&mut self, link: &mut Transport, head: String) -> Result<(), BacklogFull> {
         match self.conf.history() {
             Some(h) => link.append(
                 &self.channel,
@@ -503,7 +502,7 @@ impl Session {
     /// Admits the member to its live room: asks Redis for what the
     /// welcome needs (live messages wait meanwhile), or welcomes it at once
     /// when there is nothing to ask or it cannot be asked now.
-    pub fn admit(&mut self, link: &mut Link) -> Admission {
+    pub fn admit(&mut self, link: &mut Transport) -> Admission {
         let Some(req) = self.admission() else {
             return Admission::Welcomed(self.welcome(None));
         };
@@ -524,7 +523,7 @@ impl Session {
     pub fn end_fetch(
         &mut self,
         reply: Option<&Value>,
-        link: &mut Link,
+        link: &mut Transport,
     ) -> (Option<Position>, Option<Vec<String>>) {
         let Some(req) = self.fetching.as_ref().map(|f| f.0) else {
             return (None, None);
@@ -684,7 +683,7 @@ impl Session {
     }
 
     /// Publishes a chat message event (or holds it until the welcome).
-    fn publish(&mut self, link: &mut Link, head: String) -> Result<(), BacklogFull> {
+    fn publish(&mut self, link: &mut Transport, head: String) -> Result<(), BacklogFull> {
         if let Some(early) = &mut self.early {
             if early.len() < EARLY_LIMIT {
                 early.push(head);
@@ -701,7 +700,7 @@ impl Session {
     }
 
     /// Publishes one chat message, unless the sender is over its rate.
-    fn on_text(&mut self, link: &mut Link, text: &str) -> Result<(), (u16, &'static str)> {
+    fn on_text(&mut self, link: &mut Transport, text: &str) -> Result<(), (u16, &'static str)> {
         self.messages_in = self.messages_in.wrapping_add(1);
         metrics::count(Counter::MessagesReceived, 1);
         if let Some(limit) = self.conf.rate() {
@@ -728,7 +727,7 @@ impl Session {
 
     /// What a read event asks for: the heartbeat timer, nginx's shutdown,
     /// the lingering close, or frames.
-    pub fn on_read(&mut self, link: &mut Link, timedout: bool) -> Step {
+    pub fn on_read(&mut self, link: &mut Transport, timedout: bool) -> Step {
         let c = self.c;
         // SAFETY: c is live while the session is.
         let (close, error) = unsafe { ((*c).close() != 0, (*c).error() != 0) };
@@ -793,7 +792,7 @@ impl Session {
     }
 
     /// Reads and handles every complete frame the socket has.
-    fn read_frames(&mut self, link: &mut Link) -> Step {
+    fn read_frames(&mut self, link: &mut Transport) -> Step {
         loop {
             match self.ws.read() {
                 Ok(Message::Text(text)) => {

@@ -16,10 +16,11 @@ use wschat_core::slab::{Key, Slab};
 use crate::conf::{self, LocConf, MainConf};
 use crate::metrics::{self, Counter, Gauge, PublishStatus};
 use crate::publish::{self, Outgoing, Refused};
-use crate::redis_link::{Handlers, Link, Role, Wake};
+use crate::redis_link::{Handlers, Role, Wake};
 use crate::request_ctx::RequestCtx;
 use crate::rooms::Rooms;
 use crate::session::{self, close, Finish, Session, Step, Upgrade};
+use crate::transport::{self, Transport};
 
 struct Worker {
     sessions: Slab<Session>,
@@ -190,9 +191,8 @@ impl Worker {
                 .resize_with(main.endpoints.len().max(index + 1), || None);
         }
         let rooms = self.rooms[index].get_or_insert_with(|| {
-            // The token is never zero, so it is never a null c->data.
-            let link = Link::new(endpoint, main, cycle_log(), index + 1, &LINK_HANDLERS);
-            Rooms::new(link)
+            let transport = Transport::new(endpoint, main, index, cycle_log(), &LINK_HANDLERS);
+            Rooms::new(transport)
         });
         Some(rooms)
     }
@@ -234,7 +234,7 @@ impl Worker {
             s.wake_writer();
         }
         // Bytes may already be waiting behind the handshake.
-        let step = s.on_read(&mut rooms.link, false);
+        let step = s.on_read(&mut rooms.transport, false);
         Ok(self.conclude(key, step))
     }
 
@@ -259,7 +259,7 @@ impl Worker {
     fn session_read(&mut self, key: Key, timedout: bool) -> Option<Finish> {
         let s = self.sessions.get_mut(key)?;
         let rooms = self.rooms.get_mut(s.endpoint)?.as_mut()?;
-        let step = s.on_read(&mut rooms.link, timedout);
+        let step = s.on_read(&mut rooms.transport, timedout);
         self.conclude(key, step)
     }
 
@@ -288,9 +288,9 @@ impl Worker {
     }
 
     fn link_wake(&mut self, token: usize, role: Role, wake: Wake) {
-        let index = token.wrapping_sub(1);
+        let (index, shard) = transport::untoken(token);
         if let Some(rooms) = self.rooms.get_mut(index).and_then(Option::as_mut) {
-            rooms.link.on_wake(role, wake);
+            rooms.transport.on_wake(shard, role, wake);
             rooms.handle_events(&mut self.sessions);
         }
     }

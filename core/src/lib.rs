@@ -16,3 +16,4 @@ pub mod resp;
 pub mod room;
 pub mod send_queue;
 pub mod slab;
+pub mod slots;

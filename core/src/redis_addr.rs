@@ -35,6 +35,10 @@ pub enum AddrError {
     BadScheme,
     BadHost,
     BadEscape,
+    /// `cluster=` with no seed, or an empty one between commas.
+    EmptySeed,
+    /// A cluster seed that is a unix socket or names a database.
+    BadSeed,
 }
 
 impl fmt::Display for AddrError {
@@ -49,6 +53,10 @@ impl fmt::Display for AddrError {
             }
             AddrError::BadHost => "invalid host in Redis address",
             AddrError::BadEscape => "invalid percent-escape in Redis address credentials",
+            AddrError::EmptySeed => "empty seed in Redis cluster address",
+            AddrError::BadSeed => {
+                "a Redis cluster seed must be host:port (Redis Cluster has no unix sockets and only database 0)"
+            }
         })
     }
 }
@@ -79,6 +87,32 @@ pub fn parse(s: &str) -> Result<RedisAddr, AddrError> {
         db: None,
         tls: false,
     })
+}
+
+/// `cluster=` followed by this: seed nodes of a Redis Cluster, separated
+/// by commas. The first may carry a scheme and credentials; the others
+/// are `host[:port]` and share them.
+pub fn parse_cluster(list: &str) -> Result<Vec<RedisAddr>, AddrError> {
+    let mut seeds: Vec<RedisAddr> = Vec::new();
+    for text in list.split(',') {
+        if text.is_empty() {
+            return Err(AddrError::EmptySeed);
+        }
+        let seed = match seeds.first() {
+            None => parse(text)?,
+            Some(_) if text.starts_with("unix:") => return Err(AddrError::BadSeed),
+            Some(first) if !text.contains("://") => RedisAddr {
+                target: tcp_target(text)?,
+                ..first.clone()
+            },
+            Some(_) => parse(text)?,
+        };
+        if matches!(seed.target, Target::Unix(_)) || seed.db.is_some() {
+            return Err(AddrError::BadSeed);
+        }
+        seeds.push(seed);
+    }
+    Ok(seeds)
 }
 
 impl RedisAddr {
@@ -277,6 +311,26 @@ fn hex(b: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_seeds_share_the_first_ones_credentials() {
+        let seeds = parse_cluster("rediss://u:p@10.0.0.1:7000,10.0.0.2:7001,[::1]").unwrap();
+        assert_eq!(seeds.len(), 3);
+        assert!(seeds
+            .iter()
+            .all(|s| s.tls && s.password.as_deref() == Some("p")));
+        assert_eq!(seeds[1].endpoint(), "10.0.0.2:7001");
+        assert_eq!(seeds[2].endpoint(), "[::1]:6379");
+        assert_eq!(parse_cluster(""), Err(AddrError::EmptySeed));
+        assert_eq!(parse_cluster("a:1,,b:2"), Err(AddrError::EmptySeed));
+        assert_eq!(parse_cluster("unix:/tmp/r.sock"), Err(AddrError::BadSeed));
+        assert_eq!(
+            parse_cluster("a:1,unix:/tmp/r.sock"),
+            Err(AddrError::BadSeed)
+        );
+        assert_eq!(parse_cluster("redis://a:7000/2"), Err(AddrError::BadSeed));
+        assert_eq!(parse_cluster("a:1,b:port"), Err(AddrError::BadPort));
+    }
 
     fn tcp(host: &str, port: u16) -> Target {
         Target::Tcp {
