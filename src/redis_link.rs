@@ -242,7 +242,7 @@ impl Scripts {
     fn new(sharded: bool) -> Self {
         let code: Vec<String> = (SCRIPT_CODE.iter())
             .map(|code| match sharded {
-                true => code.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',"),
+                true => slots::sharded_script(code),
                 false => (*code).to_owned(),
             })
             .collect();

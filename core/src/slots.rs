@@ -76,6 +76,13 @@ pub fn tag_for_slot(slot: u16) -> &'static str {
     &tags[usize::from(slot) % SLOTS]
 }
 
+/// A script as it runs on a cluster: it publishes to shard channels
+/// (`SPUBLISH`), which Redis requires to be in the slot of the keys the
+/// script touches (the module's are: `<prefix>{room}` and its keys).
+pub fn sharded_script(code: &str) -> String {
+    code.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+}
+
 /// A node as a slot map names it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Node {
@@ -256,6 +263,24 @@ mod tests {
             slot_of(b"wschat:{lobby}:members"),
             slot_of(b"wschat:{lobby}")
         );
+    }
+
+    #[test]
+    fn cluster_scripts_publish_only_to_shard_channels() {
+        use crate::{history, presence};
+        for code in [
+            history::APPEND_SCRIPT,
+            history::FETCH_SCRIPT,
+            presence::JOIN_SCRIPT,
+            presence::LEAVE_SCRIPT,
+            presence::RENEW_SCRIPT,
+            presence::SUMMARY_SCRIPT,
+        ] {
+            let sharded = sharded_script(code);
+            let publishes = code.matches("PUBLISH").count();
+            assert_eq!(sharded.matches("SPUBLISH").count(), publishes);
+            assert_eq!(sharded.matches("PUBLISH").count(), publishes);
+        }
     }
 
     #[test]
