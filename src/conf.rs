@@ -44,6 +44,9 @@ const DEFAULT_HISTORY: History = History {
 /// Larger histories make one `history` event too large to send.
 const MAX_HISTORY: usize = 10_000;
 const DEFAULT_PING_INTERVAL: ngx_msec_t = 30_000;
+const DEFAULT_FLUSH_DELAY: ngx_msec_t = 20;
+/// Longer would be felt as lag in a conversation.
+const MAX_FLUSH_DELAY: ngx_msec_t = 1_000;
 const DEFAULT_IDLE_TIMEOUT: ngx_msec_t = 60_000;
 const DEFAULT_REDIS_TIMEOUT: ngx_msec_t = 5_000;
 const DEFAULT_REDIS_BACKLOG: usize = 1024 * 1024;
@@ -175,6 +178,7 @@ pub struct LocConf {
     presence: Option<bool>,
     access_log: Option<LogAt>,
     deflate: Option<bool>,
+    flush_delay: Option<ngx_msec_t>,
 }
 
 /// `websocket_chat_history number [time]`: how much of a room Redis keeps.
@@ -277,6 +281,12 @@ impl LocConf {
     }
 
     /// Whether permessage-deflate is offered to clients that ask for it.
+    /// How long after a write to a member its next room events may wait,
+    /// to leave together in one write; 0: at the end of each event-loop turn.
+    pub fn flush_delay(&self) -> ngx_msec_t {
+        self.flush_delay.unwrap_or(DEFAULT_FLUSH_DELAY)
+    }
+
     pub fn deflate(&self) -> bool {
         self.deflate.unwrap_or(false)
     }
@@ -360,7 +370,7 @@ const fn location_directive(name: ngx_str_t, set: Setter) -> ngx_command_t {
     }
 }
 
-pub static mut COMMANDS: [ngx_command_t; 25] = [
+pub static mut COMMANDS: [ngx_command_t; 26] = [
     location_directive(ngx_string!("websocket_chat"), set_websocket_chat),
     location_directive(ngx_string!("websocket_chat_publish"), set_publish),
     location_directive(ngx_string!("websocket_chat_status"), set_status),
@@ -420,6 +430,11 @@ pub static mut COMMANDS: [ngx_command_t; 25] = [
         ngx_string!("websocket_chat_deflate"),
         NGX_CONF_FLAG,
         set_deflate,
+    ),
+    directive(
+        ngx_string!("websocket_chat_flush_delay"),
+        NGX_CONF_TAKE1,
+        set_flush_delay,
     ),
     directive(
         ngx_string!("websocket_chat_access_log"),
@@ -484,6 +499,7 @@ pub extern "C" fn merge_loc_conf(
     conf.history = conf.history.or(prev.history);
     conf.presence = conf.presence.or(prev.presence);
     conf.deflate = conf.deflate.or(prev.deflate);
+    conf.flush_delay = conf.flush_delay.or(prev.flush_delay);
     let chat = conf.enabled || conf.publish;
     if (conf.enabled && conf.presence()) || (chat && conf.history().is_some()) {
         // SAFETY: merging happens inside the http block, whose main
@@ -848,6 +864,22 @@ extern "C" fn set_deflate(
     conf: *mut c_void,
 ) -> *mut c_char {
     set_once(cf, &mut loc_conf_mut(conf).deflate, on_off)
+}
+
+extern "C" fn set_flush_delay(
+    cf: *mut ngx_conf_t,
+    _: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    set_once(cf, &mut loc_conf_mut(conf).flush_delay, |args| {
+        match args[0].as_bytes() {
+            b"off" | b"0" => Ok(0),
+            _ => parse_time(&args[0])
+                .ok()
+                .filter(|&t| t <= MAX_FLUSH_DELAY)
+                .ok_or(ConfError::Invalid("invalid time (off, or up to 1s)")),
+        }
+    })
 }
 
 extern "C" fn set_access_log(

@@ -17,7 +17,9 @@ use wschat_core::slab::{Key, Slab};
 
 use core::ptr::NonNull;
 
-use ngx::ffi::{ngx_http_request_t, NGX_LOG_ERR, NGX_LOG_WARN};
+use ngx::ffi::{
+    ngx_event_handler_pt, ngx_event_t, ngx_http_request_t, ngx_msec_t, NGX_LOG_ERR, NGX_LOG_WARN,
+};
 use ngx::ngx_log_error;
 
 use crate::conf::LocConf;
@@ -77,6 +79,11 @@ pub struct Rooms {
     spare: Vec<Event>,
     /// `websocket_chat_publish` requests waiting for Redis.
     publishes: Slab<Waiting>,
+    /// Members whose writes wait for the flush clock (see
+    /// `Session::deliver`), and the clock: boxed, as nginx keeps a pointer
+    /// to it while it is armed.
+    flush_later: Vec<Key>,
+    flush_clock: Box<ngx_event_t>,
 }
 
 /// A publish request waiting for Redis's answer.
@@ -91,8 +98,19 @@ struct Waiting {
 const NOBODY: u64 = 0;
 
 impl Rooms {
-    pub fn new(transport: Transport) -> Self {
+    /// `clock` is the flush clock's handler, and what it finds in its
+    /// event's `data`.
+    pub fn new(transport: Transport, clock: (ngx_event_handler_pt, usize)) -> Self {
+        // SAFETY: an all-zero event is an idle, unarmed one.
+        let mut flush_clock: Box<ngx_event_t> = Box::new(unsafe { core::mem::zeroed() });
+        flush_clock.handler = clock.0;
+        flush_clock.data = clock.1 as *mut core::ffi::c_void;
+        flush_clock.log = transport.log();
+        // It must not hold a worker that is shutting down.
+        flush_clock.set_cancelable(1);
         Rooms {
+            flush_later: Vec::new(),
+            flush_clock,
             transport,
             members: Registry::new(),
             rooms: HashMap::new(),
@@ -675,9 +693,28 @@ impl Rooms {
         if let Some(room) = self.rooms.get_mut(channel) {
             room.last = room.last.max(mark.pos);
         }
+        let mut wait: Option<ngx_msec_t> = None;
         for &key in self.members.members(channel) {
             if let Some(s) = sessions.get_mut(key) {
-                s.deliver(mark, frame);
+                if let Some(w) = s.deliver(mark, frame) {
+                    self.flush_later.push(key);
+                    wait = Some(wait.map_or(w, |x| x.min(w)));
+                }
+            }
+        }
+        if let (Some(wait), 0) = (wait, self.flush_clock.timer_set()) {
+            // SAFETY: the event is boxed and lives as long as the rooms;
+            // Drop removes it.
+            unsafe { ngx::ffi::ngx_add_timer(&mut *self.flush_clock, wait) };
+        }
+    }
+
+    /// The flush clock: the writes put off since it was armed go now (some
+    /// a little early: one clock serves every member).
+    pub fn flush_due(&mut self, sessions: &mut Slab<Session>) {
+        for key in self.flush_later.drain(..) {
+            if let Some(s) = sessions.get_mut(key) {
+                s.flush_later_due();
             }
         }
     }
@@ -775,6 +812,15 @@ impl Rooms {
                     s.notify(kind, code, message);
                 }
             }
+        }
+    }
+}
+
+impl Drop for Rooms {
+    fn drop(&mut self) {
+        if self.flush_clock.timer_set() != 0 {
+            // SAFETY: armed by fan_out on this very event.
+            unsafe { ngx::ffi::ngx_del_timer(&mut *self.flush_clock) };
         }
     }
 }

@@ -219,6 +219,10 @@ pub struct Session {
     pending_close: Option<(u16, &'static str)>,
     /// When the client last sent anything (nginx's millisecond clock).
     last_heard: ngx_msec_t,
+    /// When bytes last left for the client.
+    last_write: ngx_msec_t,
+    /// A write put off by `deliver` waits for the rooms' flush clock.
+    flush_waiting: bool,
     rate: Bucket,
     rejected_in_row: u8,
     times: CoreTimes,
@@ -319,6 +323,8 @@ impl Session {
             lingering_until: None,
             pending_close: None,
             last_heard: now(),
+            last_write: 0,
+            flush_waiting: false,
             rate: Bucket::default(),
             rejected_in_row: 0,
             times,
@@ -423,8 +429,9 @@ impl Session {
 
     /// Queues a frame shared with the rest of the room, unless the client
     /// has had its message already (the seam between history and live) or
-    /// must first get its history.
-    pub fn deliver(&mut self, mark: Mark, frame: &Rc<[u8]>) {
+    /// must first get its history. `Some(wait)`: its write is put off for
+    /// that long, and the caller is to call `flush_later_due` then.
+    pub fn deliver(&mut self, mark: Mark, frame: &Rc<[u8]>) -> Option<ngx_msec_t> {
         if let Some(fetch) = &mut self.fetching {
             let held = &mut fetch.1;
             let limit = self.conf.send_limit();
@@ -432,17 +439,17 @@ impl Session {
                 self.pending_close = Some((close::POLICY, close::SLOW_CONSUMER));
                 self.wake_writer();
             }
-            return;
+            return None;
         }
         if mark.pos.is_some() {
             if mark.pos <= self.cursor {
-                return;
+                return None;
             }
             self.cursor = mark.pos;
         }
         if let Some(n) = mark.presence {
             if n <= self.presence_cursor && Some(n) != self.own_join {
-                return;
+                return None;
             }
             self.presence_cursor = self.presence_cursor.max(n);
         }
@@ -450,7 +457,29 @@ impl Session {
             self.messages_out = self.messages_out.wrapping_add(1);
             metrics::count(Counter::MessagesSent, 1);
         }
-        self.send(frame.clone());
+        if !self.enqueue(frame.clone()) {
+            return None;
+        }
+        // A member written to a moment ago gets what follows in one write a
+        // little later, rather than one write per event: the kernel's cost
+        // is per write, and busy rooms send many small events.
+        let since = now().wrapping_sub(self.last_write);
+        match self.conf.flush_delay().checked_sub(since) {
+            Some(wait) if wait > 0 && self.pending_close.is_none() => {
+                (!std::mem::replace(&mut self.flush_waiting, true)).then_some(wait)
+            }
+            _ => {
+                self.wake_writer();
+                None
+            }
+        }
+    }
+
+    /// The rooms' flush clock came for a member whose write was put off.
+    pub fn flush_later_due(&mut self) {
+        if std::mem::take(&mut self.flush_waiting) {
+            self.wake_writer();
+        }
     }
 
     /// Redis may have started over (an outage): its presence counter too.
@@ -658,8 +687,15 @@ impl Session {
     /// Queues a frame and schedules one write for everything queued in this
     /// event-loop turn.
     fn send(&mut self, frame: Rc<[u8]>) {
+        if self.enqueue(frame) {
+            self.wake_writer();
+        }
+    }
+
+    /// Queues a frame; false if the session is closing and takes none.
+    fn enqueue(&mut self, frame: Rc<[u8]>) -> bool {
         if self.closing {
-            return;
+            return false;
         }
         let frame = match self.deflate {
             Some(bits) => zlib::for_deflate(&frame, bits),
@@ -668,7 +704,7 @@ impl Session {
         if self.ws.get_mut().queue.push(frame, time::now_ms).is_err() {
             self.pending_close = Some((close::POLICY, close::SLOW_CONSUMER));
         }
-        self.wake_writer();
+        true
     }
 
     /// Schedules the write handler for after the current handler returns.
@@ -949,10 +985,11 @@ impl Session {
         let before = queue.bytes();
         // SAFETY: c is live.
         let flushed = unsafe { queue.flush(c, usize::MAX) };
-        metrics::count(
-            Counter::BytesSent,
-            before.saturating_sub(queue.bytes()) as u64,
-        );
+        let sent = before.saturating_sub(queue.bytes());
+        metrics::count(Counter::BytesSent, sent as u64);
+        if sent > 0 {
+            self.last_write = now();
+        }
         match flushed {
             Err(_) => Step::Finish,
             Ok(Flushed::All) if self.closing => self.after_close_frame(),

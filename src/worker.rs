@@ -192,7 +192,7 @@ impl Worker {
         }
         let rooms = self.rooms[index].get_or_insert_with(|| {
             let transport = Transport::new(endpoint, main, index, cycle_log(), &LINK_HANDLERS);
-            Rooms::new(transport)
+            Rooms::new(transport, (Some(rooms_flush), index))
         });
         Some(rooms)
     }
@@ -414,4 +414,14 @@ unsafe extern "C" fn link_tick(ev: *mut ngx_event_t) {
     // SAFETY: start_tick stored the link's token in the timer's data.
     let token = unsafe { (*ev).data as usize };
     with(|w| w.link_wake(token, Role::Cmd, Wake::Tick));
+}
+
+unsafe extern "C" fn rooms_flush(ev: *mut ngx_event_t) {
+    // SAFETY: Rooms::new stored its endpoint index in the clock's data.
+    let index = unsafe { (*ev).data as usize };
+    with(|w| {
+        if let Some(rooms) = w.rooms.get_mut(index).and_then(Option::as_mut) {
+            rooms.flush_due(&mut w.sessions);
+        }
+    });
 }

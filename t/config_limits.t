@@ -49,6 +49,13 @@ sub accepts {
     is($code, 0, "$name: nginx -t passes") or diag($out);
 }
 
+# --- websocket_chat_flush_delay
+rejects('flush_delay "soon"', conf(http => 'websocket_chat_flush_delay soon;'), 'websocket_chat_flush_delay');
+rejects('flush_delay over 1s', conf(server => 'websocket_chat_flush_delay 2s;'), 'websocket_chat_flush_delay');
+rejects('flush_delay twice', conf(location => "websocket_chat_flush_delay 5ms;\nwebsocket_chat_flush_delay 6ms;"),
+        'websocket_chat_flush_delay', 2);
+accepts("flush_delay $_", conf(location => "websocket_chat_flush_delay $_;")) for qw(off 0 1ms 20ms 1s);
+
 # --- websocket_chat_rate
 rejects('rate "fast"', conf(http => 'websocket_chat_rate fast;'), 'websocket_chat_rate');
 rejects('rate "10"', conf(http => 'websocket_chat_rate 10;'), 'websocket_chat_rate');

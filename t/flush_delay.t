@@ -1,0 +1,89 @@
+# websocket_chat_flush_delay: a member written to less than the delay ago
+# gets the room's next events together, when the delay has passed since
+# that write; one that has been quiet longer gets the next event at once;
+# with `off`, every event leaves in the turn it arrives. A delay of 1 s
+# makes "held" and "at once" far apart, so the checks do not hang on the
+# machine's speed: held means not there 0.3 s later, at once means there
+# well before the delay.
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Test::More;
+use Time::HiRes qw(time);
+use ChatTest;
+use WSClient;
+
+sub texts_until {
+    my ($c, $want, $timeout) = @_;
+    my @got;
+    my $deadline = time + $timeout;
+    while (@got < $want && (my $left = $deadline - time) > 0) {
+        my $ev = $c->recv_json($left) or last;
+        push @got, $ev->{text} if ($ev->{type} // '') eq 'message';
+    }
+    return @got;
+}
+
+# Nothing but pings and presence for $secs: no message event.
+sub no_message_within {
+    my ($c, $secs) = @_;
+    my $deadline = time + $secs;
+    while ((my $left = $deadline - time) > 0) {
+        my $ev = $c->recv_json($left) or return 1;
+        return 0 if ($ev->{type} // '') eq 'message';
+    }
+    return 1;
+}
+
+my $redis = start_redis();
+
+{
+    my $nginx = start_nginx(chat_config(location => "websocket_chat_flush_delay 1s;\n"
+                                                  . "websocket_chat_presence off;\n"), redis => $redis);
+    my $reader = WSClient->join(port => $nginx->port, room => 'fd', nick => 'reader');
+    my $writer = WSClient->join(port => $nginx->port, room => 'fd', nick => 'writer');
+
+    # The reader's welcome was a write: let the delay pass since it.
+    ok(no_message_within($reader, 1.2), 'a quiet spell after the welcome');
+    my $sent = time;
+    $writer->send_text('m1');
+    is_deeply([texts_until($reader, 1, 5)], ['m1'], 'after a quiet spell the first message comes');
+    my $first = time;
+    cmp_ok($first - $sent, '<', 0.7, 'at once: it was not held');
+
+    $writer->send_text('m2');
+    ok(no_message_within($reader, 0.3), 'the next one, right after, is held (not there 0.3 s later)');
+    $writer->send_text('m3');
+    is_deeply([texts_until($reader, 2, 5)], ['m2', 'm3'], 'then both come, in order, once the delay has passed');
+    cmp_ok(time - $first, '>=', 0.5, 'and not before the delay was mostly over');
+    is_deeply([texts_until($writer, 3, 5)], ['m1', 'm2', 'm3'], 'the sender gets its own three, in order');
+
+    # A quiet spell longer than the delay: the next message is not held.
+    ok(no_message_within($reader, 1.3), 'a quiet spell of 1.3 s');
+    $sent = time;
+    $writer->send_text('m4');
+    is_deeply([texts_until($reader, 1, 5)], ['m4'], 'the message after it arrives');
+    cmp_ok(time - $sent, '<', 0.7, 'well before the 1 s delay: it was not held');
+
+    $_->send_close(1000) for $reader, $writer;
+    ok($reader->recv_close(5) && $writer->recv_close(5), 'both close cleanly');
+    $nginx->stop;
+}
+
+{
+    my $nginx = start_nginx(chat_config(location => "websocket_chat_flush_delay off;\n"
+                                                  . "websocket_chat_presence off;\n"), redis => $redis);
+    my $reader = WSClient->join(port => $nginx->port, room => 'fo', nick => 'reader');
+    my $writer = WSClient->join(port => $nginx->port, room => 'fo', nick => 'writer');
+    $writer->send_text('n1');
+    is_deeply([texts_until($reader, 1, 5)], ['n1'], 'off: the first message arrives');
+    my $sent = time;
+    $writer->send_text('n2');
+    is_deeply([texts_until($reader, 1, 5)], ['n2'], 'off: the one right after arrives too');
+    cmp_ok(time - $sent, '<', 0.7, 'off: without waiting for any delay');
+    $_->send_close(1000) for $reader, $writer;
+    $nginx->stop;
+}
+
+done_all();
