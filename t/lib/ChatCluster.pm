@@ -402,4 +402,71 @@ sub pump {
     }
 }
 
+# ---------------------------------------------------------------------------
+# TLS (for t/redis_cluster_features.t)
+#
+#   my $cl = ChatCluster->start_tls(primaries => 3, cert => $pem, key => $key, ca => $ca_pem);
+#   chat_config(redis => 'cluster=rediss://' . $cl->tls_seeds, ...);
+#   $cl->tls_port($node);    # the TLS port of a node (ChatTest::Redis)
+#
+# Like start, and every node also has a TLS port (tls-cluster yes: the
+# cluster bus is TLS too; tls-replication yes), while its plain port stays
+# for the harness, whose ChatTest::Redis speaks plain RESP. Redis names
+# nodes (CLUSTER SLOTS, MOVED) by their TLS ports to a client connected
+# over TLS and by their plain ports to a plain one, so every method above
+# works unchanged on the plain ports and a TLS client is only ever sent to
+# TLS ports. Clients need no certificate (tls-auth-clients no).
+sub start_tls {
+    my ($class, %o) = @_;
+    my $np = $o{primaries} // 3;
+    my $nr = $o{replicas} // 0;
+    my $timeout = $o{node_timeout} // 2000;
+    my $coverage = $o{full_coverage} ? 'yes' : 'no';
+    croak 'ChatCluster: redis-cli --cluster create needs at least 3 primaries' if $np < 3;
+    croak 'ChatCluster: start_tls needs cert, key and ca' unless $o{cert} && $o{key} && $o{ca};
+    my $self = bless { node_timeout => $timeout, nodes => [], dead => {}, tls_port => {} }, $class;
+    my %taken;
+    my $port = sub {
+        my $p;
+        do { $p = ChatTest::free_port() } while $taken{$p}++;
+        return $p;
+    };
+    for (1 .. $np * (1 + $nr)) {
+        my ($p, $bus, $tp) = ($port->(), $port->(), $port->());
+        push @{ $self->{nodes} }, ChatTest::start_redis(port => $p, args => [
+            '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf',
+            '--cluster-node-timeout', $timeout, '--cluster-port', $bus,
+            '--cluster-require-full-coverage', $coverage,
+            '--repl-diskless-sync-delay', 0,
+            '--tls-port', $tp, '--tls-cluster', 'yes', '--tls-replication', 'yes',
+            '--tls-cert-file', $o{cert}, '--tls-key-file', $o{key},
+            '--tls-ca-cert-file', $o{ca}, '--tls-auth-clients', 'no']);
+        $self->{tls_port}{$p} = $tp;
+    }
+    my @addrs = map { '127.0.0.1:' . $_->port } @{ $self->{nodes} };
+    my $t_create = time;
+    my ($code, $out) = ChatTest::_run_cmd(30, 'redis-cli', '--cluster', 'create', @addrs,
+        '--cluster-replicas', $nr, '--cluster-yes');
+    croak "ChatCluster: redis-cli --cluster create (TLS bus) failed (exit $code):\n$out" if $code != 0;
+    $self->{create_output} = $out;
+    $self->{create_seconds} = time - $t_create;
+    my $why;
+    ChatTest::wait_until(sub { !defined($why = $self->_not_ready($np, $nr)) }, 30, 0.1)
+        or croak "ChatCluster: not ready 30 s after creation: $why\n$out";
+    $self->{want_replicas} = $nr;
+    return $self;
+}
+
+# The TLS port of $node (a ChatTest::Redis of a start_tls cluster).
+sub tls_port {
+    my ($self, $node) = @_;
+    return $self->{tls_port}{ $node->port } // croak 'ChatCluster: tls_port: not a start_tls node';
+}
+
+# "127.0.0.1:t1,127.0.0.1:t2,..." of the current primaries' TLS ports.
+sub tls_seeds {
+    my $self = shift;
+    return join ',', map { '127.0.0.1:' . $self->tls_port($_) } $self->primaries;
+}
+
 1;
