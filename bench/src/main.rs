@@ -14,8 +14,8 @@ mod stats;
 use config::{Config, Mode, Target};
 use serde_json::{json, Value};
 use stats::{
-    hist_add_json, loadavg1, mem_json, new_hist, sample_cpu_s, sample_machine_busy_s, sample_mem,
-    summary_ms, wall_us,
+    hist_add_json, loadavg1, mem_json, new_hist, sample_cpu_s, sample_cpu_split_s,
+    sample_machine_busy_s, sample_mem, summary_ms, wall_us,
 };
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -169,7 +169,7 @@ fn orchestrate(cfg: &Config) -> Result<Value, String> {
     let win_end = win_start + (cfg.duration * 1e6) as u64;
     let sample = || {
         (
-            sample_cpu_s(&cfg.server_pids),
+            sample_cpu_split_s(&cfg.server_pids),
             sample_cpu_s(&shard_pids),
             sample_cpu_s(&cfg.redis_pids),
             sample_machine_busy_s(),
@@ -206,7 +206,9 @@ fn orchestrate(cfg: &Config) -> Result<Value, String> {
             mem_before,
             mem_ready,
             mem_end,
-            server_cpu_s: srv_b - srv_a,
+            server_cpu_s: (srv_b.0 + srv_b.1) - (srv_a.0 + srv_a.1),
+            server_user_s: srv_b.0 - srv_a.0,
+            server_sys_s: srv_b.1 - srv_a.1,
             client_cpu_s: cli_b - cli_a,
             redis_cpu_s: red_b - red_a,
             machine_busy_s: all_b - all_a,
@@ -225,6 +227,8 @@ struct Extra {
     mem_ready: stats::Mem,
     mem_end: stats::Mem,
     server_cpu_s: f64,
+    server_user_s: f64,
+    server_sys_s: f64,
     client_cpu_s: f64,
     redis_cpu_s: f64,
     machine_busy_s: f64,
@@ -398,6 +402,8 @@ fn merge(cfg: &Config, results: &[Value], x: Extra) -> Value {
         "cpu": {
             "window_s": round3(x.window_s),
             "server_s": round3(x.server_cpu_s),
+            "server_user_s": round3(x.server_user_s),
+            "server_sys_s": round3(x.server_sys_s),
             "client_s": round3(x.client_cpu_s),
             "redis_s": round3(x.redis_cpu_s),
             "machine_busy_s": round3(x.machine_busy_s),

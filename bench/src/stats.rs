@@ -116,22 +116,33 @@ pub fn mem_json(m: &Mem) -> Value {
 
 /// CPU time (user + system) of a set of processes, in seconds.
 pub fn sample_cpu_s(pids: &[u32]) -> f64 {
+    let (user, system) = sample_cpu_split_s(pids);
+    user + system
+}
+
+/// User and system CPU time of a set of processes, in seconds.
+pub fn sample_cpu_split_s(pids: &[u32]) -> (f64, f64) {
     // utime and stime are fields 14 and 15 of /proc/PID/stat, counted after
     // the parenthesised command name (which may hold spaces).
     let tick = 100.0; // USER_HZ on Linux
-    let mut total = 0u64;
+    let (mut user, mut system) = (0u64, 0u64);
     for pid in pids {
         if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             if let Some(close) = s.rfind(')') {
                 let rest: Vec<&str> = s[close + 1..].split_whitespace().collect();
                 // rest[0] is field 3 (state); utime = field 14 -> rest[11].
-                let ut: u64 = rest.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
-                let st: u64 = rest.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-                total += ut + st;
+                user += rest
+                    .get(11)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                system += rest
+                    .get(12)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
             }
         }
     }
-    total as f64 / tick
+    (user as f64 / tick, system as f64 / tick)
 }
 
 /// Busy CPU time of the whole machine (all cores), in seconds, from /proc/stat.
