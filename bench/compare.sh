@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: this repository's websocket_chat module vs nchan
-# (Debian's nginx + libnginx-mod-nchan), both bridged to the same private
-# Redis, same scenarios, same load generator (bench/, wschat-bench).
+# (Debian's nginx + libnginx-mod-nchan) vs the classic OpenResty chat recipe
+# (Debian's nginx + libnginx-mod-http-lua + lua-resty-websocket/-redis,
+# bench/openresty/chat.lua), all bridged to the same private Redis, same
+# scenarios, same load generator (bench/, wschat-bench).
 #
-#   bash bench/compare.sh            # full run, ~10-15 minutes
-#   bash bench/compare.sh --quick    # ~3-4 minutes, shorter windows, fewer steps
+#   bash bench/compare.sh            # full run, ~15-25 minutes
+#   bash bench/compare.sh --quick    # ~6-10 minutes, shorter windows, fewer steps
 #
 # Options:
 #   --quick            shorter runs
-#   --only module|nchan  run one target (the table then has one column)
+#   --only module|nchan|openresty  run one target (the table then has one column)
 #   --build            run `cargo build --release` (module + nginx + bench) first;
 #                      without it, only the bench crate is built, and the module is
 #                      built only when its artefacts are missing
@@ -17,8 +19,9 @@
 #   --presence on|off  the module's websocket_chat_presence (default off: nchan
 #                      sends no join/leave events, so both do the same work)
 #
-# Needs root for apt-get when nginx, libnginx-mod-nchan or redis-server are
-# missing. Everything listens on 127.0.0.1 only; every run is bounded in time.
+# Needs root for apt-get when nginx, libnginx-mod-nchan, libnginx-mod-http-lua,
+# lua-nginx-websocket, lua-nginx-redis or redis-server are missing.
+# Everything listens on 127.0.0.1 only; every run is bounded in time.
 # Results: bench/results/compare-<date>.md (the table) and .json (raw reports).
 set -euo pipefail
 
@@ -30,6 +33,7 @@ ONLY=""
 OUT="$ROOT/bench/results"
 NCHAN_MODE=distributed
 PRESENCE=off
+PRESENCE_DEFAULT=off
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -37,22 +41,28 @@ while [ $# -gt 0 ]; do
         --only) ONLY=$2; shift ;;
         --out) OUT=$2; shift ;;
         --nchan-mode) NCHAN_MODE=$2; shift ;;
-        --presence) PRESENCE=$2; shift ;;
-        -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        --presence) PRESENCE=$2; PRESENCE_DEFAULT=$2; shift ;;
+        -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
 done
 case "$NCHAN_MODE" in distributed|nostore) ;; *) echo "compare.sh: --nchan-mode distributed|nostore" >&2; exit 2 ;; esac
-TARGETS=(module nchan)
-[ -n "$ONLY" ] && TARGETS=("$ONLY")
+TARGETS=(module nchan openresty)
+if [ -n "$ONLY" ]; then
+    case "$ONLY" in module|nchan|openresty) ;; *) echo "compare.sh: --only module|nchan|openresty" >&2; exit 2 ;; esac
+    TARGETS=("$ONLY")
+fi
 
 log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # ---------------------------------------------------------------- packages
 ensure_packages() {
     local missing=() p
-    for p in nginx libnginx-mod-nchan redis-server redis-tools; do
+    # lua-nginx-websocket and lua-nginx-redis depend on nginx-extras, which
+    # pulls in Debian's other dynamic modules too (none of them is loaded).
+    for p in nginx libnginx-mod-nchan libnginx-mod-http-lua lua-nginx-websocket lua-nginx-redis \
+        redis-server redis-tools; do
         dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
@@ -89,6 +99,11 @@ ensure_packages() {
     fi
     command -v update-rc.d >/dev/null 2>&1 && update-rc.d nginx disable >/dev/null 2>&1 || true
     [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || { log "nchan module not found"; exit 1; }
+    local f
+    for f in /usr/lib/nginx/modules/ndk_http_module.so /usr/lib/nginx/modules/ngx_http_lua_module.so \
+        /usr/share/lua/5.1/nginx/websocket/server.lua /usr/share/lua/5.1/nginx/redis.lua; do
+        [ -f "$f" ] || { log "$f not found (OpenResty recipe)"; exit 1; }
+    done
 }
 
 # ---------------------------------------------------------------- helpers
@@ -175,9 +190,17 @@ trap 'exit 130' INT TERM
 cp -L "$TD/release/nginx" "$WORK/nginx-module"
 cp "$TD/release/libngx_http_websocket_chat_module.so" "$WORK/module.so"
 cp "$BENCH_SRC" "$WORK/wschat-bench"
+# The recipe's Lua is read by the workers, which run as nobody: a readable
+# directory for it inside the private (0700) temp dir.
+chmod 711 "$WORK"
+mkdir -m 755 "$WORK/lua"
+install -m 644 "$ROOT/bench/openresty/chat.lua" "$WORK/lua/chat.lua"
 BENCH="$WORK/wschat-bench"
-NCHAN_NGINX=/usr/sbin/nginx
+NCHAN_NGINX=/usr/sbin/nginx # Debian's, for nchan and the OpenResty recipe
 MODULE_SHA=$(sha256sum "$WORK/module.so" | cut -c1-16)
+pkgver() { dpkg-query -W -f '${Version}' "$1" 2>/dev/null || echo '?'; }
+OPENRESTY_DESC="Debian's nginx + libnginx-mod-http-lua $(pkgver libnginx-mod-http-lua), lua-nginx-websocket $(pkgver lua-nginx-websocket), lua-nginx-redis $(pkgver lua-nginx-redis); bench/openresty/chat.lua sha256 $(sha256sum "$WORK/lua/chat.lua" | cut -c1-16)…"
+export OPENRESTY_DESC
 
 # Loopback source addresses for the clients (127.0.0.0/8 is all local on Linux).
 SRC_A=127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4
@@ -186,9 +209,13 @@ SRC_ALL=$SRC_A,$SRC_B
 SRC_STORM=$(seq -s, -f '127.0.0.%g' 1 16)
 
 REDIS_PORT=$(free_port)
+# The OpenResty recipe holds one Redis connection per client (its subscriber)
+# plus one per message being published: 10,000+ in (c) and (d). Redis needs
+# maxclients + 32 files, and a process may hold at most 20,000 here.
+REDIS_MAXCLIENTS=19900
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
     --daemonize yes --pidfile "$WORK/redis.pid" --logfile "$WORK/redis.log" \
-    --dir "$WORK" --maxclients 10000 >/dev/null
+    --dir "$WORK" --maxclients "$REDIS_MAXCLIENTS" >/dev/null
 wait_tcp 127.0.0.1 "$REDIS_PORT" 10 || { log "redis did not start"; cat "$WORK/redis.log" >&2; exit 1; }
 REDIS_PID=$(cat "$WORK/redis.pid")
 log "redis on 127.0.0.1:$REDIS_PORT (pid $REDIS_PID)"
@@ -202,19 +229,24 @@ write_conf() { # target dir port
     local t=$1 d=$2 port=$3
     mkdir -p "$d/logs" "$d/conf"
     {
-        if [ "$t" = module ]; then
-            echo "load_module $WORK/module.so;"
-        else
-            echo "load_module /usr/lib/nginx/modules/ngx_nchan_module.so;"
-        fi
+        case "$t" in
+            module) echo "load_module $WORK/module.so;" ;;
+            nchan) echo "load_module /usr/lib/nginx/modules/ngx_nchan_module.so;" ;;
+            openresty)
+                echo "load_module /usr/lib/nginx/modules/ndk_http_module.so;"
+                echo "load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;" ;;
+        esac
+        # The recipe's workers hold a Redis connection per client beside the
+        # client's own: every file a process may have.
         cat <<EOF
 worker_processes 2;
-# 10k+ connections per worker within the 20,000-file limit of a process.
-worker_rlimit_nofile 19500;
+# Up to 19,000 connections per worker (scenario h) within the 20,000-file
+# limit of a process.
+worker_rlimit_nofile 20000;
 pid $d/logs/nginx.pid;
 error_log $d/logs/error.log warn;
 events {
-    worker_connections 19000;
+    worker_connections 19900;
 }
 http {
     access_log off;
@@ -228,7 +260,9 @@ EOF
             cat <<EOF
     websocket_chat_redis 127.0.0.1:$REDIS_PORT;
     server {
-        listen 127.0.0.1:$port backlog=4096;
+        # reuseport: the kernel spreads connections evenly over the two
+        # workers, so that (h) fits each worker's files.
+        listen 127.0.0.1:$port backlog=4096 reuseport;
         location = /ws {
             websocket_chat;
             websocket_chat_room \$arg_room;
@@ -240,6 +274,24 @@ EOF
     }
 }
 EOF
+        elif [ "$t" = openresty ]; then
+            cat <<EOF
+    # Debian's Lua libraries (resty.core, nginx.websocket.*, nginx.redis).
+    lua_package_path "/usr/share/lua/5.1/?.lua;;";
+    server {
+        # reuseport: the kernel spreads connections evenly over the two
+        # workers, so that (h) fits each worker's files.
+        listen 127.0.0.1:$port backlog=4096 reuseport;
+        # The bench appends /<room> (nchan style); the recipe has one global
+        # channel and ignores it.
+        location /chat/ {
+            set \$chat_redis_host 127.0.0.1;
+            set \$chat_redis_port $REDIS_PORT;
+            content_by_lua_file $WORK/lua/chat.lua;
+        }
+    }
+}
+EOF
         else
             cat <<EOF
     upstream wsbench_redis {
@@ -247,7 +299,9 @@ EOF
         nchan_redis_storage_mode $NCHAN_MODE;
     }
     server {
-        listen 127.0.0.1:$port backlog=4096;
+        # reuseport: the kernel spreads connections evenly over the two
+        # workers, so that (h) fits each worker's files.
+        listen 127.0.0.1:$port backlog=4096 reuseport;
         # One channel per room; a websocket client on a pubsub location is a
         # subscriber, and the text frames it sends are published to the channel.
         location ~ ^/sub/([A-Za-z0-9_-]+)\$ {
@@ -270,8 +324,11 @@ start_target() { # target
     NGINX_DIR="$WORK/$t-$RANDOM"
     PORT=$(free_port)
     write_conf "$t" "$NGINX_DIR" "$PORT"
-    if [ "$t" = module ]; then bin="$WORK/nginx-module"; URL="ws://127.0.0.1:$PORT/ws"
-    else bin="$NCHAN_NGINX"; URL="ws://127.0.0.1:$PORT/sub"; fi
+    case "$t" in
+        module) bin="$WORK/nginx-module"; URL="ws://127.0.0.1:$PORT/ws" ;;
+        nchan) bin="$NCHAN_NGINX"; URL="ws://127.0.0.1:$PORT/sub" ;;
+        openresty) bin="$NCHAN_NGINX"; URL="ws://127.0.0.1:$PORT/chat" ;;
+    esac
     "$bin" -p "$NGINX_DIR" -c "$NGINX_DIR/conf/nginx.conf" -e "$NGINX_DIR/logs/error.log" -t -q \
         || { log "$t: nginx -t failed"; exit 1; }
     "$bin" -p "$NGINX_DIR" -c "$NGINX_DIR/conf/nginx.conf" -e "$NGINX_DIR/logs/error.log"
@@ -304,9 +361,12 @@ stop_target() { # target
 # ---------------------------------------------------------------- scenarios
 if [ "$QUICK" = 1 ]; then
     RATES=(100 400 1600); FAN_DUR=4; LAT_DUR=8; ROOMS_DUR=8; IDLE_DUR=4; STORM_DUR=8
+    BIG_RATES=(50 200 800); BIG_ROOM_CLIENTS=10000; MANY_IDLE=20000
 else
     RATES=(50 100 200 400 600 800 1200 1600 2400); FAN_DUR=10; LAT_DUR=20; ROOMS_DUR=20; IDLE_DUR=10; STORM_DUR=20
+    BIG_RATES=(25 50 100 200 400 800 1600); BIG_ROOM_CLIENTS=10000; MANY_IDLE=38000
 fi
+SRC_MANY=$(seq -s, -f '127.0.0.%g' 10 17)
 
 STAMP=$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
@@ -315,13 +375,17 @@ mkdir -p "$RAW"
 ANOMALIES="$RAW/anomalies.txt"
 : > "$ANOMALIES"
 
+# wschat-bench's target kind: the recipe, like nchan, sends the raw published
+# text and takes the room as a URL suffix (which it ignores).
+bench_kind() { case "$1" in module) echo module ;; *) echo nchan ;; esac; }
+
 bench() { # target scenario [args...]: run one measurement, save its JSON
     local t=$1 s=$2
     shift 2
     local workers before after rc=0
     wait_quiet "$t $s"
     workers=$(workers_of "$MASTER_PID")
-    timeout 600 "$BENCH" --target "$t" --url "$URL" --server-pids "$workers" \
+    timeout 600 "$BENCH" --target "$(bench_kind "$t")" --url "$URL" --server-pids "$workers" \
         --redis-pid "$REDIS_PID" --label "$t/$s" --json "$@" > "$RAW/$t-$s.json" 2> "$RAW/$t-$s.log" || rc=$?
     sed 's/^/    /' "$RAW/$t-$s.log" >&2
     [ "$rc" = 0 ] || echo "$t $s: wschat-bench exited $rc" >> "$ANOMALIES"
@@ -412,7 +476,42 @@ run_target() {
     log "$t (f) storm: 50 concurrent connect/chat/close loops, 10 rooms"
     bench "$t" storm --storm --clients 50 --rooms 10 --duration "$STORM_DUR" \
         --source-addrs "$SRC_STORM"
+    # (g) CPU per delivery at one rate for every target (the fan-out steps
+    # stop where a target starts losing messages).
+    log "$t (g) cpu: 1 room x 1000 clients, 10 publishers, 400 msg/s"
+    bench "$t" cpu --clients 1000 --rooms 1 --publishers 10 --rate 400 \
+        --duration "$FAN_DUR" --warmup 2 --drain 3 --procs 2 --source-addrs "$SRC_A"
+    # (j) 16 KB messages to 100 members, stepped until a step loses a
+    # delivery or a member is closed.
+    local brate
+    for brate in "${BIG_RATES[@]}"; do
+        log "$t (j) big messages: 16 KB x 100 members, $brate msg/s"
+        bench "$t" "big-$brate" --clients 100 --rooms 1 --publishers 10 --payload 16384 \
+            --rate "$brate" --duration "$FAN_DUR" --warmup 2 --drain 3 --procs 1 --source-addrs "$SRC_A"
+        pass=$(jq_get "$RAW/$t-big-$brate.json" \
+            'int(r["deliveries"]["lost"]==0 and r["deliveries"]["disconnects"]==0 and r["connections"]["failed"]==0 and r["deliveries"]["expected"]>0)')
+        [ "$pass" = 1 ] || break
+    done
     stop_target "$t"
+    # (i) many idle connections, on fresh workers. The recipe holds a Redis
+    # connection per client beside the client's own: twice the files, over
+    # the limit of a process at this count.
+    if [ "$t" != openresty ]; then
+        start_target "$t"
+        log "$t (i) idle: $MANY_IDLE connections, 380 rooms, 5 client processes"
+        bench "$t" many-idle --idle --clients "$MANY_IDLE" --rooms 380 --procs 5 \
+            --duration "$IDLE_DUR" --connect-timeout 60 --source-addrs "$SRC_MANY"
+        stop_target "$t"
+    fi
+    # (h) one room of 10,000 members at 100 msg/s; the module with presence
+    # on, as it is deployed (the others have no presence).
+    if [ "$t" = module ]; then PRESENCE=on; fi
+    start_target "$t"
+    log "$t (h) big room: 1 room x $BIG_ROOM_CLIENTS clients, 10 publishers, 100 msg/s"
+    bench "$t" big-room --clients "$BIG_ROOM_CLIENTS" --rooms 1 --publishers 10 --rate 100 \
+        --duration "$LAT_DUR" --warmup 3 --drain 3 --procs 2 --source-addrs "$SRC_ALL"
+    stop_target "$t"
+    PRESENCE=$PRESENCE_DEFAULT
     local errs
     errs=$(grep -cE '\[(alert|crit|emerg)\]|exited on signal|segfault' "$RAW/$t-error.log" 2>/dev/null || true)
     if [ "${errs:-0}" != 0 ]; then
@@ -512,6 +611,7 @@ add("", "Redis CPU, % of one core", "latency", ["cpu", "redis_pct"], "lo")
 add("", "(noise) other processes' CPU %", "latency", ["cpu", "others_pct"], None)
 add("(c) 10 rooms x 1000, 100 msg/s in all", "lost deliveries", "rooms", ["deliveries", "lost"], "lo")
 add("", "expected deliveries", "rooms", ["deliveries", "expected"], None)
+add("", "misrouted deliveries (another room's messages)", "rooms", ["deliveries", "misrouted"], "lo")
 add("", "p50 ms", "rooms", ["latency_ms", "p50"], "lo")
 add("", "p99 ms", "rooms", ["latency_ms", "p99"], "lo")
 add("", "connect time p50 ms (10k clients)", "rooms", ["connections", "connect_ms", "p50"], "lo")
@@ -540,6 +640,57 @@ add("", "session p50 ms", "storm", ["storm", "session_ms", "p50"], "lo")
 add("", "session p99 ms", "storm", ["storm", "session_ms", "p99"], "lo")
 add("", "server CPU, % of one core", "storm", ["cpu", "server_pct"], None)
 
+def per_million(t, scen, key):
+    r = data[t].get(scen)
+    got = g(r, "deliveries", "received")
+    v = g(r, "cpu", key)
+    if not got or v is None:
+        return None
+    return round(v / got * 1e6, 2)
+
+rows.append(("(g) CPU per delivery, 1 room x 1000, 400 msg/s", "worker user CPU s per million deliveries", {t: per_million(t, "cpu", "server_user_s") for t in targets}, "lo"))
+rows.append(("", "worker system CPU s per million deliveries", {t: per_million(t, "cpu", "server_sys_s") for t in targets}, "lo"))
+rows.append(("", "worker user + system s per million deliveries", {t: per_million(t, "cpu", "server_s") for t in targets}, "lo"))
+add("", "lost deliveries", "cpu", ["deliveries", "lost"], "lo")
+add("", "p99 ms", "cpu", ["latency_ms", "p99"], "lo")
+add("(h) 1 room x 10,000, 100 msg/s (module: presence on)", "lost deliveries", "big-room", ["deliveries", "lost"], "lo")
+add("", "expected deliveries", "big-room", ["deliveries", "expected"], None)
+add("", "p50 ms", "big-room", ["latency_ms", "p50"], "lo")
+add("", "p99 ms", "big-room", ["latency_ms", "p99"], "lo")
+add("", "server CPU, % of one core", "big-room", ["cpu", "server_pct"], "lo")
+add("", "client CPU, % of one core", "big-room", ["cpu", "client_pct"], None)
+add("(i) idle, many connections (380 rooms)", "connections ok", "many-idle", ["connections", "ok"], "hi")
+add("", "RSS bytes / connection (all workers)", "many-idle", ["memory", "per_connection_rss_bytes"], "lo")
+add("", "PSS bytes / connection (all workers)", "many-idle", ["memory", "per_connection_pss_bytes"], "lo")
+rows.append(("", "connections / s during the ramp", {t: (round(g(data[t].get("many-idle"), "connections", "ok") / g(data[t].get("many-idle"), "connections", "connect_phase_s")) if g(data[t].get("many-idle"), "connections", "connect_phase_s") else None) for t in targets}, "hi"))
+add("", "connect time p99 ms", "many-idle", ["connections", "connect_ms", "p99"], "lo")
+
+def big_steps(t):
+    return sorted((int(s.split("-")[1]), r) for s, r in data[t].items() if s.startswith("big-") and s != "big-room" and r)
+
+def big_ok(r):
+    return (g(r, "deliveries", "lost") == 0 and g(r, "deliveries", "disconnects") == 0
+            and g(r, "connections", "failed") == 0 and (g(r, "deliveries", "expected") or 0) > 0)
+
+def big_best(t):
+    b = None
+    for rate, r in big_steps(t):
+        if not big_ok(r):
+            break
+        b = (rate, r)
+    return b
+
+def big_mbps(t):
+    b = big_best(t)
+    if not b:
+        return None
+    rate, r = b
+    return round(g(r, "deliveries", "received") * 16384 / (g(r, "cpu", "window_s") or 1) / 1e6, 1)
+
+rows.append(("(j) 16 KB messages, 1 room x 100", "highest rate with no loss and nobody closed (msg/s)", {t: (big_best(t) or (0, None))[0] for t in targets}, "hi"))
+rows.append(("", "MB/s of deliveries at that rate", {t: big_mbps(t) for t in targets}, "hi"))
+rows.append(("", "p99 ms at that rate", {t: g((big_best(t) or (0, None))[1], "latency_ms", "p99") for t in targets}, "lo"))
+
 def fmt(v):
     if v is None:
         return "n/a"
@@ -556,10 +707,13 @@ def num(v):
         return int(v[1:])
     return v
 
-def ratio(vals, better):
-    if better is None or len(targets) != 2:
+# One ratio column per other target, module against it, when the module ran.
+others = [t for t in targets if t != "module"] if "module" in targets else []
+
+def ratio(vals, better, other):
+    if better is None:
         return ""
-    m, n = num(vals.get("module")), num(vals.get("nchan"))
+    m, n = num(vals.get("module")), num(vals.get(other))
     lower_bound = isinstance(vals.get("module"), str) and str(vals.get("module")).startswith("≥")
     if not isinstance(m, (int, float)) or not isinstance(n, (int, float)):
         return "n/a"
@@ -575,21 +729,32 @@ def ratio(vals, better):
         return "inf"
     return f"{n / m:.2f}"
 
+NAMES = {"module": "websocket_chat module", "nchan": "nchan", "openresty": "the OpenResty chat recipe"}
 out = []
-out.append(f"# websocket_chat module vs nchan ({'quick' if quick == '1' else 'full'} run)\n")
+out.append(f"# {' vs '.join(NAMES[t] for t in targets)} ({'quick' if quick == '1' else 'full'} run)\n")
 out.append(f"Command: `{cmdline.strip()}`. Machine: {os.cpu_count()} cores, Linux {platform.release()}; load average {load0} at the start, {load1} at the end. Elapsed {elapsed}s.\n")
-out.append(f"Module .so sha256 {sha}…, with the nginx cargo built beside it, `websocket_chat_presence {presence}`; nchan: Debian's nginx + libnginx-mod-nchan, `nchan_pubsub websocket` per room, `nchan_redis_storage_mode {nmode}` (defaults otherwise). Both: 2 workers, the same private Redis, one target running at a time, clients (wschat-bench) on the same machine.\n")
-header = "| scenario | metric | " + " | ".join(targets) + (" | ratio (>1 = module better) |" if len(targets) == 2 else " |")
+desc = []
+if "module" in targets:
+    desc.append(f"Module .so sha256 {sha}…, with the nginx cargo built beside it, `websocket_chat_presence {presence}`")
+if "nchan" in targets:
+    desc.append(f"nchan: Debian's nginx + libnginx-mod-nchan, `nchan_pubsub websocket` per room, `nchan_redis_storage_mode {nmode}` (defaults otherwise)")
+if "openresty" in targets:
+    desc.append(f"openresty: the classic chat recipe (bench/openresty/chat.lua: a subscriber light thread per client on one global Redis channel, a fresh Redis connection per published message), {os.environ.get('OPENRESTY_DESC', '')}")
+out.append("; ".join(desc) + f". {'All' if len(targets) > 1 else 'Run with'}: 2 workers, the same private Redis, one target running at a time, clients (wschat-bench) on the same machine.\n")
+header = "| scenario | metric | " + " | ".join(targets) + " |" + "".join(f" module vs {o} (>1 = module better) |" for o in others)
 out.append(header)
-out.append("|" + "---|" * (2 + len(targets) + (1 if len(targets) == 2 else 0)))
+out.append("|" + "---|" * (2 + len(targets) + len(others)))
 for section, metric, vals, better in rows:
     cells = [fmt(vals.get(t)) for t in targets]
     line = f"| {section} | {metric} | " + " | ".join(cells) + " |"
-    if len(targets) == 2:
-        line += f" {ratio(vals, better)} |"
+    for o in others:
+        line += f" {ratio(vals, better, o)} |"
     out.append(line)
 out.append("")
-out.append("Ratios: module/nchan for throughput-like rows (higher is better), nchan/module for latency, loss, memory, CPU, connection counts (lower is better); 'inf' = the module is 0 where nchan is not, '=' = both 0.\n")
+if others:
+    out.append("Ratios: module/other for throughput-like rows (higher is better), other/module for latency, loss, memory, CPU, connection counts (lower is better); 'inf' = the module is 0 where the other is not, '=' = both 0.\n")
+if "openresty" in targets:
+    out.append("openresty: the recipe has one global channel, so in (c) every client receives every room's messages: 10 times the deliveries the others make (the other rooms' ones are counted as misrouted, only its own room's as expected). Its (c) rows measure the recipe with that extra work, kept as the recipe is, not room routing; a message still in the backlog at the end of the drain counts as lost. Its (e) count is one subscriber connection per client plus one per message being published (one at a time per publisher). The scenarios fit the 20,000-file limit of a process (an nginx worker holds about 5,000 clients and their 5,000 subscriber connections in (c) and (d); Redis runs with `--maxclients` 19,900), so none was left out.\n")
 out.append("## (a) fan-out steps\n")
 out.append("| rate msg/s | " + " | ".join(f"{t}: lost / p50 / p99 / p99.9 ms (others' CPU %)" for t in targets) + " |")
 out.append("|---|" + "---|" * len(targets))
@@ -629,7 +794,8 @@ with open(md_path, "w") as f:
     f.write(md)
 with open(js_path, "w") as f:
     json.dump({"targets": targets, "quick": quick == "1", "module_sha256_prefix": sha,
-               "nchan_storage_mode": nmode, "elapsed_s": int(elapsed), "runs": data,
+               "nchan_storage_mode": nmode, "openresty": os.environ.get("OPENRESTY_DESC", "") if "openresty" in targets else None,
+               "elapsed_s": int(elapsed), "runs": data,
                "redis_clients": {t: {"during_c": read(os.path.join(raw, f"{t}-redis-clients.txt")),
                                      "before_c": read(os.path.join(raw, f"{t}-redis-idle.txt"))} for t in targets},
                "anomalies": anom}, f, indent=1)
