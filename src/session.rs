@@ -219,8 +219,9 @@ pub struct Session {
     pending_close: Option<(u16, &'static str)>,
     /// When the client last sent anything (nginx's millisecond clock).
     last_heard: ngx_msec_t,
-    /// When bytes last left for the client.
-    last_write: ngx_msec_t,
+    /// When room events last left for the client without waiting (see
+    /// `deliver`).
+    last_prompt: ngx_msec_t,
     /// A write put off by `deliver` waits for the rooms' flush clock.
     flush_waiting: bool,
     rate: Bucket,
@@ -323,7 +324,7 @@ impl Session {
             lingering_until: None,
             pending_close: None,
             last_heard: now(),
-            last_write: 0,
+            last_prompt: 0,
             flush_waiting: false,
             rate: Bucket::default(),
             rejected_in_row: 0,
@@ -460,15 +461,18 @@ impl Session {
         if !self.enqueue(frame.clone()) {
             return None;
         }
-        // A member written to a moment ago gets what follows in one write a
-        // little later, rather than one write per event: the kernel's cost
-        // is per write, and busy rooms send many small events.
-        let since = now().wrapping_sub(self.last_write);
+        // A member sent room events a moment ago gets what follows in one
+        // write a little later, rather than one write per event: the
+        // kernel's cost is per write, and busy rooms send many small events.
+        // Other writes (welcome, history, notices) do not count: the first
+        // event after them is not held.
+        let since = now().wrapping_sub(self.last_prompt);
         match self.conf.flush_delay().checked_sub(since) {
             Some(wait) if wait > 0 && self.pending_close.is_none() => {
                 (!std::mem::replace(&mut self.flush_waiting, true)).then_some(wait)
             }
             _ => {
+                self.last_prompt = now();
                 self.wake_writer();
                 None
             }
@@ -478,6 +482,7 @@ impl Session {
     /// The rooms' flush clock came for a member whose write was put off.
     pub fn flush_later_due(&mut self) {
         if std::mem::take(&mut self.flush_waiting) {
+            self.last_prompt = now();
             self.wake_writer();
         }
     }
@@ -985,11 +990,10 @@ impl Session {
         let before = queue.bytes();
         // SAFETY: c is live.
         let flushed = unsafe { queue.flush(c, usize::MAX) };
-        let sent = before.saturating_sub(queue.bytes());
-        metrics::count(Counter::BytesSent, sent as u64);
-        if sent > 0 {
-            self.last_write = now();
-        }
+        metrics::count(
+            Counter::BytesSent,
+            before.saturating_sub(queue.bytes()) as u64,
+        );
         match flushed {
             Err(_) => Step::Finish,
             Ok(Flushed::All) if self.closing => self.after_close_frame(),
