@@ -769,6 +769,7 @@ impl Rooms {
                         pos: Some(pos),
                         presence: None,
                         message: true,
+                        origin: 0,
                     };
                     self.fan_out(sessions, channel, mark, &frame);
                 }

@@ -128,24 +128,49 @@ pub struct Mark {
     pub presence: Option<u64>,
     /// A chat message (what `messages_sent` counts).
     pub message: bool,
+    /// The sending session's id, hashed (`sid_hash`), for a live message;
+    /// 0 otherwise.
+    pub origin: u64,
 }
 
 impl Mark {
     pub fn of(event: &[u8]) -> Mark {
         let message = event.starts_with(br#"{"type":"message""#);
+        let origin = if message { origin_of(event) } else { 0 };
         match history::position_of(event) {
             Some(pos) => Mark {
                 pos: Some(pos),
                 presence: None,
                 message,
+                origin,
             },
             None => Mark {
                 pos: None,
                 presence: presence::seq_of(event),
                 message,
+                origin,
             },
         }
     }
+}
+
+/// FNV-1a of a session id: cheap to compare once per member.
+pub fn sid_hash(sid: &[u8]) -> u64 {
+    sid.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The hashed session id of a message event. Its first `"session":"` is
+/// the field itself: inside a JSON string a quote is escaped.
+fn origin_of(event: &[u8]) -> u64 {
+    const KEY: &[u8] = br#""session":""#;
+    let Some(at) = event.windows(KEY.len()).position(|w| w == KEY) else {
+        return 0;
+    };
+    let rest = &event[at + KEY.len()..];
+    let end = rest.iter().position(|&b| b == b'"').unwrap_or(rest.len());
+    sid_hash(&rest[..end])
 }
 
 /// Live frames held back while missed messages are fetched, so that the
@@ -172,6 +197,7 @@ pub struct Session {
     key: Key,
     /// The session's id in events, unique across workers and hosts.
     sid: Box<str>,
+    sid_hash: u64,
     /// The HTTP request, while the session holds it: until the session ends
     /// (`websocket_chat_access_log close`) or until the 101 is out (`upgrade`).
     request: Option<NonNull<ngx_http_request_t>>,
@@ -301,6 +327,7 @@ impl Session {
         }
         Session {
             key,
+            sid_hash: sid_hash(sid.as_bytes()),
             sid,
             request: NonNull::new(r),
             c,
@@ -466,9 +493,11 @@ impl Session {
         // kernel's cost is per write, and busy rooms send many small events.
         // Other writes (welcome, history, notices) do not count: the first
         // event after them is not held.
+        // A sender's own message is its receipt: never held.
+        let own = mark.origin != 0 && mark.origin == self.sid_hash;
         let since = now().wrapping_sub(self.last_prompt);
         match self.conf.flush_delay().checked_sub(since) {
-            Some(wait) if wait > 0 && self.pending_close.is_none() => {
+            Some(wait) if wait > 0 && !own && self.pending_close.is_none() => {
                 (!std::mem::replace(&mut self.flush_waiting, true)).then_some(wait)
             }
             _ => {

@@ -1,7 +1,7 @@
 # websocket_chat_flush_delay: a member sent room events less than the delay
 # ago gets the room's next events together, when the delay has passed since
 # then; one that has been quiet longer, or was only sent its welcome, gets
-# the next event at once;
+# the next event at once, and a sender gets its own message back at once;
 # with `off`, every event leaves in the turn it arrives. A delay of 1 s
 # makes "held" and "at once" far apart, so the checks do not hang on the
 # machine's speed: held means not there 0.3 s later, at once means there
@@ -53,11 +53,14 @@ my $redis = start_redis();
     cmp_ok($first - $sent, '<', 0.7, 'at once: it was not held');
 
     $writer->send_text('m2');
-    ok(no_message_within($reader, 0.3), 'the next one, right after, is held (not there 0.3 s later)');
+    my $t2 = time;
+    is_deeply([texts_until($writer, 2, 5)], ['m1', 'm2'], 'the sender gets its own messages back');
+    cmp_ok(time - $t2, '<', 0.7, 'its own m2 at once, although it was sent m1 a moment ago: a receipt is never held');
+    ok(no_message_within($reader, 0.3), 'the reader\'s m2, right after its m1, is held (not there 0.3 s later)');
     $writer->send_text('m3');
     is_deeply([texts_until($reader, 2, 5)], ['m2', 'm3'], 'then both come, in order, once the delay has passed');
     cmp_ok(time - $first, '>=', 0.5, 'and not before the delay was mostly over');
-    is_deeply([texts_until($writer, 3, 5)], ['m1', 'm2', 'm3'], 'the sender gets its own three, in order');
+    is_deeply([texts_until($writer, 1, 5)], ['m3'], 'the sender gets m3 back');
 
     # A quiet spell longer than the delay: the next message is not held.
     ok(no_message_within($reader, 1.3), 'a quiet spell of 1.3 s');
