@@ -18,6 +18,8 @@
 #   --nchan-mode M     nchan_redis_storage_mode: distributed (default) or nostore
 #   --presence on|off  the module's websocket_chat_presence (default off: nchan
 #                      sends no join/leave events, so both do the same work)
+#   --flush-delay T    the module's websocket_chat_flush_delay (default: the
+#                      module's own, 20ms)
 #
 # Needs root for apt-get when nginx, libnginx-mod-nchan, libnginx-mod-http-lua,
 # lua-nginx-websocket, lua-nginx-redis or redis-server are missing.
@@ -34,6 +36,7 @@ OUT="$ROOT/bench/results"
 NCHAN_MODE=distributed
 PRESENCE=off
 PRESENCE_DEFAULT=off
+FLUSH_DELAY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -42,7 +45,8 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift ;;
         --nchan-mode) NCHAN_MODE=$2; shift ;;
         --presence) PRESENCE=$2; PRESENCE_DEFAULT=$2; shift ;;
-        -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        --flush-delay) FLUSH_DELAY=$2; shift ;;
+        -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -270,6 +274,7 @@ EOF
             # nchan has no join/leave events: compare pub/sub alike.
             websocket_chat_presence $PRESENCE;
             websocket_chat_access_log $ACCESS_LOG;
+            ${FLUSH_DELAY:+websocket_chat_flush_delay $FLUSH_DELAY;}
         }
     }
 }
@@ -805,8 +810,12 @@ with open(js_path, "w") as f:
                "anomalies": anom}, f, indent=1)
 print(md)
 PYEOF
-# Keep the error logs next to the results.
+# Keep the error logs next to the results: their first 2,000 lines (the
+# recipe's log one timeout line per idle client), and how many there were.
 for t in "${TARGETS[@]}"; do
-    [ -f "$RAW/$t-error.log" ] && cp "$RAW/$t-error.log" "$OUT/compare-$STAMP-$t-error.log"
+    if [ -f "$RAW/$t-error.log" ]; then
+        { head -n 2000 "$RAW/$t-error.log"
+          echo "# $(wc -l < "$RAW/$t-error.log") lines in all"; } > "$OUT/compare-$STAMP-$t-error.log"
+    fi
 done
 log "results: $MD, $JS"
