@@ -122,41 +122,7 @@ print(" ".join(map(str, got)))
 EOF
 }
 
-wait_tcp() { # host port secs
-    local i
-    for ((i = 0; i < $3 * 10; i++)); do
-        (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
-
-stop_pid() { # pid [secs] [signal]
-    local pid=$1 secs=${2:-10} sig=${3:-TERM} i
-    [ -n "$pid" ] || return 0
-    kill -"$sig" "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < secs * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-}
-
-workers_of() { [ -n "$1" ] && pgrep -P "$1" | paste -sd, - || true; }
-
-busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }
-
-# Wait (at most QUIET_MAX s) for the machine to be quiet: under 25% of a core
-# busy over one second.
-wait_quiet() {
-    local i a b
-    for ((i = 0; i < QUIET_MAX; i++)); do
-        a=$(busy_ticks); sleep 1; b=$(busy_ticks)
-        [ $((b - a)) -lt 25 ] && return 0
-    done
-    log "the machine is still busy with other processes; measuring anyway"
-    echo "$1: started while other processes kept the machine busy (see 'others' CPU)" >> "$ANOMALIES"
-}
+. "$ROOT/bench/lib.sh"
 
 # ---------------------------------------------------------------- setup
 ensure_packages
