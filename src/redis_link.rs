@@ -27,7 +27,7 @@ use wschat_core::history::Request;
 use wschat_core::redis_addr::Target;
 use wschat_core::resp::{self, Limits};
 use wschat_core::slots::{self, Node, Redirect};
-use wschat_core::{envelope, history, presence};
+use wschat_core::{envelope, presence};
 
 use crate::conf::{Endpoint, MainConf};
 use crate::ids;
@@ -204,14 +204,8 @@ pub enum Script {
     Summary,
 }
 
-const SCRIPT_CODE: [&str; 6] = [
-    history::APPEND_SCRIPT,
-    history::FETCH_SCRIPT,
-    presence::JOIN_SCRIPT,
-    presence::LEAVE_SCRIPT,
-    presence::RENEW_SCRIPT,
-    presence::SUMMARY_SCRIPT,
-];
+/// In `Script` order.
+const SCRIPT_CODE: [&str; 6] = wschat_core::SCRIPTS;
 
 /// What a command whose reply is wanted back was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -568,8 +562,8 @@ impl Link {
         }
     }
 
-    /// The node the link speaks to, as redirections name it.
-    fn node(&self) -> Node {
+    /// The node the link speaks to, as redirections and slot maps name it.
+    pub fn node(&self) -> Node {
         let address = self.address();
         let (host, port) = address.rsplit_once(':').unwrap_or((&address, "0"));
         Node {

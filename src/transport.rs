@@ -361,9 +361,7 @@ impl Transport {
             return;
         };
         let Some(to) = to else {
-            router.parked.push(channel.clone());
-            self.events.push(Event::Stalled(channel));
-            return self.refresh();
+            return self.park(channel);
         };
         let hops = router.hops.entry(channel.clone()).or_insert(0);
         *hops += 1;
@@ -376,14 +374,10 @@ impl Transport {
                 channel,
                 to.to
             );
-            router.parked.push(channel.clone());
-            self.events.push(Event::Stalled(channel));
-            self.refresh();
-            return;
+            return self.park(channel);
         }
         let Some(target) = self.link_for(&to.to) else {
-            self.events.push(Event::Stalled(channel));
-            return;
+            return self.park(channel);
         };
         if !to.ask {
             self.set_owner(to.slot, target);
@@ -392,6 +386,16 @@ impl Transport {
         if self.links[target].subscribe(&channel) {
             self.events.push(Event::Subscribed(channel));
         }
+    }
+
+    /// A channel with nowhere to go for now: its members are told, and it
+    /// is followed again once the slot map has been read anew.
+    fn park(&mut self, channel: Box<str>) {
+        if let Some(router) = &mut self.cluster {
+            router.parked.push(channel.clone());
+        }
+        self.events.push(Event::Stalled(channel));
+        self.refresh();
     }
 
     fn set_owner(&mut self, slot: u16, link: usize) {
@@ -435,15 +439,7 @@ impl Transport {
             router.due = true;
             return;
         };
-        let asked = {
-            let address = self.links[shard].address();
-            let (host, port) = address.rsplit_once(':').unwrap_or((&address, "0"));
-            Node {
-                host: host.trim_start_matches('[').trim_end_matches(']').into(),
-                port: port.parse().unwrap_or(0),
-            }
-        };
-        match slots::parse_cluster_slots(&reply, &asked) {
+        match slots::parse_cluster_slots(&reply, &self.links[shard].node()) {
             Ok(map) => self.apply_map(&map),
             Err(err) => {
                 let said = match &reply {

@@ -17,3 +17,13 @@ pub mod room;
 pub mod send_queue;
 pub mod slab;
 pub mod slots;
+
+/// Every Lua script the module loads into Redis.
+pub const SCRIPTS: [&str; 6] = [
+    history::APPEND_SCRIPT,
+    history::FETCH_SCRIPT,
+    presence::JOIN_SCRIPT,
+    presence::LEAVE_SCRIPT,
+    presence::RENEW_SCRIPT,
+    presence::SUMMARY_SCRIPT,
+];

@@ -267,15 +267,7 @@ mod tests {
 
     #[test]
     fn cluster_scripts_publish_only_to_shard_channels() {
-        use crate::{history, presence};
-        for code in [
-            history::APPEND_SCRIPT,
-            history::FETCH_SCRIPT,
-            presence::JOIN_SCRIPT,
-            presence::LEAVE_SCRIPT,
-            presence::RENEW_SCRIPT,
-            presence::SUMMARY_SCRIPT,
-        ] {
+        for code in crate::SCRIPTS {
             let sharded = sharded_script(code);
             let publishes = code.matches("PUBLISH").count();
             assert_eq!(sharded.matches("SPUBLISH").count(), publishes);
