@@ -36,6 +36,8 @@ pub enum Counter {
     BytesSent,
     HistoryFetches,
     RedisReconnects,
+    /// Joins whose history came from the worker's copy (`recent`).
+    HistoryCached,
     Close(CloseKind),
     Refusal(Refusal),
     Publish(PublishStatus),
@@ -217,7 +219,7 @@ impl PublishStatus {
     }
 }
 
-const SIMPLE_COUNTERS: usize = 7;
+const SIMPLE_COUNTERS: usize = 8;
 const COUNTERS: usize =
     SIMPLE_COUNTERS + CloseKind::ALL.len() + Refusal::ALL.len() + PublishStatus::ALL.len();
 
@@ -234,6 +236,7 @@ impl Counter {
             Counter::BytesSent => 4,
             Counter::HistoryFetches => 5,
             Counter::RedisReconnects => 6,
+            Counter::HistoryCached => 7,
             Counter::Close(k) => closes + k as usize,
             Counter::Refusal(r) => refusals + r as usize,
             Counter::Publish(p) => publishes + p as usize,

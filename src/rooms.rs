@@ -12,6 +12,7 @@ use wschat_core::envelope::{self, Status};
 use wschat_core::frame;
 use wschat_core::history::{self, Position, Request};
 use wschat_core::presence::{self, Changes};
+use wschat_core::recent::{self, Recent};
 use wschat_core::room::Registry;
 use wschat_core::slab::{Key, Slab};
 
@@ -34,6 +35,11 @@ use crate::{ids, time};
 /// given up (and logged) rather than memory spent.
 const RECOVERY_HOLD: usize = 8 << 20;
 
+/// Ticks a room stays subscribed after its last member here left: a
+/// member back within it (a page reload, a reconnect) finds it live, and
+/// its history at hand (`recent`), with no round trip to Redis.
+const LINGER_TICKS: u64 = 2;
+
 /// What a worker knows of one room beyond its members.
 struct Room {
     /// The room's name (its channel without the prefix).
@@ -51,6 +57,11 @@ struct Room {
     awaiting: VecDeque<(bool, String)>,
     /// Changes Redis left unannounced (a busy room), for the next summary.
     changes: Changes,
+    /// The room's newest messages, for joins that need nothing else.
+    recent: Recent,
+    /// The tick its last member here left; it is unsubscribed
+    /// `LINGER_TICKS` later unless one joins meanwhile.
+    empty_since: Option<u64>,
 }
 
 impl Room {
@@ -62,7 +73,18 @@ impl Room {
             recovering: None,
             awaiting: VecDeque::new(),
             changes: Changes::default(),
+            recent: Recent::default(),
+            empty_since: None,
         }
+    }
+
+    /// Runs `f` on the room's copy of its history, keeping `total` (the
+    /// worker's bytes in such copies) up to date.
+    fn recent<R>(&mut self, total: &mut usize, f: impl FnOnce(&mut Recent) -> R) -> R {
+        let before = self.recent.bytes();
+        let r = f(&mut self.recent);
+        *total = *total + self.recent.bytes() - before;
+        r
     }
 }
 
@@ -84,6 +106,9 @@ pub struct Rooms {
     /// to it while it is armed.
     flush_later: Vec<Key>,
     flush_clock: Box<ngx_event_t>,
+    /// Bytes in all rooms' copies of their history, within
+    /// `recent::WORKER_BYTES`.
+    recent_bytes: usize,
 }
 
 /// A publish request waiting for Redis's answer.
@@ -118,6 +143,7 @@ impl Rooms {
             ticks: 0,
             spare: Vec::new(),
             publishes: Slab::new(),
+            recent_bytes: 0,
         }
     }
 
@@ -237,7 +263,8 @@ impl Rooms {
         if self.members.join(s.channel(), s.key()) {
             metrics::adjust(Gauge::Rooms, 1);
         }
-        (self.rooms.entry(s.channel().into())).or_insert_with(|| Room::new(s.room()));
+        let room = (self.rooms.entry(s.channel().into())).or_insert_with(|| Room::new(s.room()));
+        room.empty_since = None;
         s.in_room = true;
         if self.transport.in_outage(s.channel()) {
             s.notify(
@@ -257,13 +284,16 @@ impl Rooms {
             return;
         }
         s.in_room = false;
-        if self.members.leave(s.channel(), s.key()) {
-            metrics::adjust(Gauge::Rooms, -1);
-            if let Some(room) = self.rooms.get_mut(s.channel()) {
-                // Forgotten on a later tick, once nothing is owed to it.
-                room.was_live = false;
+        let last = self.members.leave(s.channel(), s.key());
+        if let Some(room) = self.rooms.get_mut(s.channel()) {
+            let key = s.key().to_raw();
+            room.recent(&mut self.recent_bytes, |r| r.abandon(key));
+            if last {
+                room.empty_since = Some(self.ticks);
             }
-            self.transport.unsubscribe(s.channel());
+        }
+        if last {
+            metrics::adjust(Gauge::Rooms, -1);
         }
         if !s.present {
             return;
@@ -370,9 +400,14 @@ impl Rooms {
             }
             self.register(s, true);
         }
+        // A recovering room's copy is being made good again; a worker over
+        // its total asks Redis.
+        let recent = (self.rooms.get_mut(s.channel()))
+            .filter(|room| room.recovering.is_none() && self.recent_bytes < recent::WORKER_BYTES)
+            .map(|room| &mut room.recent);
         // Asked for after the registration, so that the list includes the
         // member, and before anything it typed is published.
-        if let Admission::Welcomed(early) = s.admit(&mut self.transport) {
+        if let Admission::Welcomed(early) = s.admit(&mut self.transport, recent) {
             self.publish_early(s, early);
         }
     }
@@ -429,9 +464,19 @@ impl Rooms {
             // are told so; the count is right again in the next summary.
             let _ = (self.transport).eval(Script::Summary, &[&members, &seq], &args, NOBODY, None);
         }
-        let members = &self.members;
+        let (members, ticks) = (&self.members, self.ticks);
+        for (channel, room) in &mut self.rooms {
+            if room.empty_since.is_some_and(|t| ticks - t >= LINGER_TICKS) {
+                room.empty_since = None;
+                room.was_live = false;
+                room.recent(&mut self.recent_bytes, Recent::reset);
+                self.transport.unsubscribe(channel);
+            }
+        }
+        // Forgotten once nothing is owed to it.
         self.rooms.retain(|channel, room| {
             !members.members(channel).is_empty()
+                || room.empty_since.is_some()
                 || !room.awaiting.is_empty()
                 || !room.changes.is_empty()
         });
@@ -468,6 +513,10 @@ impl Rooms {
             Event::Subscribed(channel) => {
                 let was_live = (self.rooms.get_mut(&*channel))
                     .is_some_and(|room| std::mem::replace(&mut room.was_live, true));
+                // Subscribed anew: messages may have gone by unseen.
+                if let Some(room) = self.rooms.get_mut(&*channel) {
+                    room.recent(&mut self.recent_bytes, Recent::reset);
+                }
                 if was_live {
                     self.start_recovery(sessions, &channel);
                 }
@@ -520,13 +569,20 @@ impl Rooms {
             }
             Event::Replied { call, reply } => self.replied(sessions, call, reply.as_ref()),
             Event::Tick => self.on_tick(),
-            Event::Outage(shard) => self.notify_shard(
-                sessions,
-                Some(shard),
-                Status::Error,
-                "redis_unavailable",
-                "chat delivery is interrupted; messages you send are kept and delivered when it is back",
-            ),
+            Event::Outage(shard) => {
+                for (channel, room) in &mut self.rooms {
+                    if self.transport.shard_of(channel) == shard {
+                        room.recent(&mut self.recent_bytes, Recent::reset);
+                    }
+                }
+                self.notify_shard(
+                    sessions,
+                    Some(shard),
+                    Status::Error,
+                    "redis_unavailable",
+                    "chat delivery is interrupted; messages you send are kept and delivered when it is back",
+                );
+            }
             Event::Recovered(shard) => {
                 self.reregister(sessions, shard);
                 self.notify_shard(
@@ -575,10 +631,23 @@ impl Rooms {
                 let Some(s) = sessions.get_mut(key) else {
                     return;
                 };
-                let (newest, early) = s.end_fetch(reply, &mut self.transport);
-                if let Some(room) = self.rooms.get_mut(&*call.channel) {
-                    room.last = room.last.max(newest);
-                }
+                let transport = &mut self.transport;
+                let mut end = |recent: &mut Recent| {
+                    let done = s.end_fetch(reply, transport, recent);
+                    if !s.fetching() {
+                        // Answered, or given up: no copy comes of it now.
+                        recent.abandon(key.to_raw());
+                    }
+                    done
+                };
+                let (_, early) = match self.rooms.get_mut(&*call.channel) {
+                    Some(room) => {
+                        let done = room.recent(&mut self.recent_bytes, end);
+                        room.last = room.last.max(done.0);
+                        done
+                    }
+                    None => end(&mut Recent::default()),
+                };
                 self.publish_early(s, early);
             }
             (Script::Fetch, None) => self.end_recovery(sessions, &call.channel, reply),
@@ -654,7 +723,7 @@ impl Rooms {
     /// Hands one published event to every local member of its room: one
     /// frame, encoded once, shared by all.
     fn deliver(&mut self, sessions: &mut Slab<Session>, channel: &[u8], payload: &[u8]) {
-        let (Ok(channel), Ok(_)) = (std::str::from_utf8(channel), std::str::from_utf8(payload))
+        let (Ok(channel), Ok(event)) = (std::str::from_utf8(channel), std::str::from_utf8(payload))
         else {
             ngx_log_error!(
                 NGX_LOG_WARN,
@@ -678,6 +747,13 @@ impl Rooms {
                     channel
                 );
                 self.release_recovery(sessions, channel);
+            }
+        }
+        if let (Some(pos), Some(room)) = (mark.pos, self.rooms.get_mut(channel)) {
+            let total = &mut self.recent_bytes;
+            room.recent(total, |r| r.seen(pos, event, time::now_ms()));
+            if *total > recent::WORKER_BYTES {
+                room.recent(total, Recent::reset);
             }
         }
         self.fan_out(sessions, channel, mark, &frame);

@@ -26,6 +26,7 @@ use wschat_core::frame_guard::Violation;
 use wschat_core::history::{self, Position, Request};
 use wschat_core::presence;
 use wschat_core::rate::Bucket;
+use wschat_core::recent::{Recent, Shape};
 use wschat_core::slab::Key;
 
 use crate::client_io::{self, ClientIo};
@@ -562,31 +563,48 @@ impl Session {
         })
     }
 
-    /// Admits the member to its live room: asks Redis for what the
-    /// welcome needs (live messages wait meanwhile), or welcomes it at once
-    /// when there is nothing to ask or it cannot be asked now.
-    pub fn admit(&mut self, link: &mut Transport) -> Admission {
+    /// Admits the member to its live room: answers from the worker's copy
+    /// of the room's history when it has one (`recent`; `None` while the
+    /// room is not live), otherwise asks Redis for what the welcome needs
+    /// (live messages wait meanwhile), or welcomes it at once when there is
+    /// nothing to ask or it cannot be asked now.
+    pub fn admit(&mut self, link: &mut Transport, mut recent: Option<&mut Recent>) -> Admission {
         let Some(req) = self.admission() else {
             return Admission::Welcomed(self.welcome(None));
         };
+        let shape = Shape::of(&req);
+        if let (Some(shape), Some(recent)) = (shape, recent.as_deref_mut()) {
+            let budget = self.conf.send_limit().soft;
+            if let Some(messages) = recent.serve(shape, budget, time::now_ms()) {
+                metrics::count(Counter::HistoryCached, 1);
+                let early = self.welcome_once(None);
+                self.send_history(&req, messages, false);
+                return Admission::Welcomed(early);
+            }
+        }
         if link.fetch(&self.channel, &req, self.key.to_raw()).is_err() {
             let early = self.welcome(None);
             self.history_unavailable();
             return Admission::Welcomed(early);
         }
+        if let (Some(shape), Some(recent)) = (shape, recent) {
+            recent.begin(shape, self.key.to_raw());
+        }
         self.fetching = Some(Box::new((req, Held::default())));
         Admission::Waiting
     }
 
-    /// The fetch `start_fetch` asked for has come back (`None`: lost with
-    /// its connection; it is asked for again). Sends `welcome`, `gap` if
-    /// messages are missing, `history`, then what was held. Returns the
-    /// newest position sent (for the room) and what the member typed
+    /// The fetch `admit` asked for has come back (`None`: lost with its
+    /// connection; it is asked for again). Sends `welcome`, `gap` if
+    /// messages are missing, `history`, then what was held; starts the
+    /// room's copy of its history if this fetch was to (`recent`). Returns
+    /// the newest position sent (for the room) and what the member typed
     /// meanwhile (for the room to publish).
     pub fn end_fetch(
         &mut self,
         reply: Option<&Value>,
         link: &mut Transport,
+        recent: &mut Recent,
     ) -> (Option<Position>, Option<Vec<String>>) {
         let Some(req) = self.fetching.as_ref().map(|f| f.0) else {
             return (None, None);
@@ -605,6 +623,14 @@ impl Session {
                 if let Some((members, _)) = &mut fetched.roster {
                     self.list_self(members, req.members);
                     self.presence_cursor = fetched.presence_seq;
+                }
+                if Shape::of(&req).is_some() {
+                    recent.prime(
+                        self.key.to_raw(),
+                        &fetched.messages,
+                        fetched.ttl_ms,
+                        time::now_ms(),
+                    );
                 }
                 Some(fetched)
             }
@@ -625,6 +651,19 @@ impl Session {
                 members,
                 count: *count,
             });
+        let early = self.welcome_once(roster);
+        let mut newest = None;
+        match fetched {
+            Some(_) if req.count == 0 => {}
+            Some(fetched) => newest = self.send_history(&req, &fetched.messages, fetched.gap),
+            None => self.history_unavailable(),
+        }
+        self.release_held();
+        (newest, early)
+    }
+
+    /// `welcome`, then `bad_since` if the client's `since` was not an id.
+    fn welcome_once(&mut self, roster: Option<Roster<'_>>) -> Option<Vec<String>> {
         let early = self.welcome(roster);
         if self.bad_since {
             self.notify(
@@ -633,28 +672,37 @@ impl Session {
                 "since is not a message id; sending recent history instead",
             );
         }
-        let mut newest = None;
-        match fetched {
-            Some(_) if req.count == 0 => {}
-            Some(fetched) => {
-                let budget = self.conf.send_limit().soft;
-                let (kept, cut) = history::within_budget(&fetched.messages, budget);
-                if let (Some(since), true) = (req.since, fetched.gap || cut) {
-                    self.notify_gap(&since.to_string());
-                }
-                let event = envelope::history(
-                    &self.room,
-                    time::now_ms(),
-                    kept.iter().map(|(_, e)| e.as_str()),
-                );
-                self.send(frame::text_frame(event.as_bytes()));
-                newest = kept.last().map(|(p, _)| *p);
-                self.cursor = self.cursor.max(newest);
-            }
-            None => self.history_unavailable(),
+        early
+    }
+
+    /// Sends `history` (and `gap` before it if messages since the client's
+    /// `since` are missing): as much of `messages` as the send buffer
+    /// takes. Returns the newest position sent.
+    fn send_history(
+        &mut self,
+        req: &Request,
+        messages: &[(Position, String)],
+        gap: bool,
+    ) -> Option<Position> {
+        let budget = self.conf.send_limit().soft;
+        let (kept, cut) = history::within_budget(messages, budget);
+        if let (Some(since), true) = (req.since, gap || cut) {
+            self.notify_gap(&since.to_string());
         }
-        self.release_held();
-        (newest, early)
+        let event = envelope::history(
+            &self.room,
+            time::now_ms(),
+            kept.iter().map(|(_, e)| e.as_str()),
+        );
+        self.send(frame::text_frame(event.as_bytes()));
+        let newest = kept.last().map(|(p, _)| *p);
+        self.cursor = self.cursor.max(newest);
+        newest
+    }
+
+    /// Whether the welcome still waits for a fetch.
+    pub fn fetching(&self) -> bool {
+        self.fetching.is_some()
     }
 
     /// A busy room's list is a sample; the joiner is always in it.

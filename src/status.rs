@@ -114,11 +114,12 @@ fn json(t: &Totals) -> String {
     let _ = write!(
         out,
         concat!(
-            r#"}},"history_fetches":{},"redis":{{"connections_up":{},"#,
+            r#"}},"history_fetches":{},"history_cached":{},"redis":{{"connections_up":{},"#,
             r#""connections_down":{},"reconnects":{},"backlog_bytes":{}}}}}"#,
             "\n"
         ),
         t.counter(Counter::HistoryFetches),
+        t.counter(Counter::HistoryCached),
         t.gauge(Gauge::RedisUp),
         t.gauge(Gauge::RedisDown),
         t.counter(Counter::RedisReconnects),
@@ -141,7 +142,7 @@ fn one(value: u64) -> [(String, u64); 1] {
 
 fn prometheus(t: &Totals) -> String {
     let mut out = String::with_capacity(4096);
-    let simple: [(&str, &str, &str, u64); 11] = [
+    let simple: [(&str, &str, &str, u64); 12] = [
         (
             "websocket_chat_workers",
             "gauge",
@@ -195,6 +196,12 @@ fn prometheus(t: &Totals) -> String {
             "counter",
             "History and member fetches sent to Redis.",
             t.counter(Counter::HistoryFetches),
+        ),
+        (
+            "websocket_chat_history_cached_total",
+            "counter",
+            "Joins whose history came from the worker's copy, without a fetch.",
+            t.counter(Counter::HistoryCached),
         ),
         (
             "websocket_chat_redis_reconnects_total",

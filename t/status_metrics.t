@@ -40,14 +40,14 @@ my @REFUSALS = qw(400 403 426 503 500);
 my @PUBLISH  = qw(201 400 405 413 502 503);
 my @TOP = qw(workers connections rooms sessions_opened messages_received messages_sent
              bytes_received bytes_sent closes handshake_refusals publish_requests
-             history_fetches redis);
+             history_fetches history_cached redis);
 my @REDIS_KEYS = qw(connections_up connections_down reconnects backlog_bytes);
 my %GAUGE = map { ("websocket_chat_$_" => 1) }
             qw(workers connections rooms redis_connections redis_backlog_bytes);
 my @FAMILIES = map { "websocket_chat_$_" } qw(workers connections rooms
     sessions_opened_total messages_received_total messages_sent_total
     received_bytes_total sent_bytes_total closes_total handshake_refusals_total
-    publish_requests_total history_fetches_total redis_connections
+    publish_requests_total history_fetches_total history_cached_total redis_connections
     redis_reconnects_total redis_backlog_bytes);
 
 # Pings would add bytes between two scrapes: only /ws-idle has them.
@@ -121,7 +121,7 @@ sub flat_json {
     my %f;
     $f{"websocket_chat_$_"} = $j->{$_} for qw(workers connections rooms);
     $f{"websocket_chat_${_}_total"} = $j->{$_}
-        for qw(sessions_opened messages_received messages_sent history_fetches);
+        for qw(sessions_opened messages_received messages_sent history_fetches history_cached);
     $f{websocket_chat_received_bytes_total} = $j->{bytes_received};
     $f{websocket_chat_sent_bytes_total} = $j->{bytes_sent};
     for my $c (@{ $j->{closes} // [] }) {

@@ -49,11 +49,12 @@ return id";
 /// (all if ARGV[1] is empty; none if ARGV[2] is 0), newest first; the
 /// oldest entry id kept; whether ARGV[1] itself is still kept (1/0); how
 /// many entries the stream ever had and has now (Redis 7+, else false),
-/// which tells a trimmed stream from one made anew; and, unless ARGV[3] is
-/// 0, up to ARGV[3] members of the room's members hash KEYS[2], their
-/// count, and the room's presence counter KEYS[3].
+/// which tells a trimmed stream from one made anew; unless ARGV[3] is 0, up
+/// to ARGV[3] members of the room's members hash KEYS[2], their count, and
+/// the room's presence counter KEYS[3]; and the stream's time to live in
+/// ms (negative: none), for a worker's copy of it (`recent`).
 pub const FETCH_SCRIPT: &str = "\
-local entries, oldest, kept, added, length = {}, false, 0, false, false
+local entries, oldest, kept, added, length, ttl = {}, false, 0, false, false, -2
 if ARGV[2] ~= '0' then
   local start = '-'
   if ARGV[1] ~= '' then
@@ -70,6 +71,7 @@ if ARGV[2] ~= '0' then
       if info[i] == 'length' then length = info[i + 1] end
     end
   end
+  ttl = redis.call('PTTL', KEYS[1])
 end
 local members, count, seq = false, false, false
 local cap = tonumber(ARGV[3])
@@ -86,7 +88,7 @@ if cap > 0 then
     end
   until cursor == '0' or #members >= cap
 end
-return {entries, oldest, kept, added, length, members, count, seq}";
+return {entries, oldest, kept, added, length, members, count, seq, ttl}";
 
 /// The position in a message event: its last field, `"id":"<ms>-<seq>"`.
 /// Other events (presence, notices) have none.
@@ -109,6 +111,9 @@ pub struct Fetched {
     pub roster: Option<(Vec<String>, usize)>,
     /// The presence counter the roster reflects (see `presence`).
     pub presence_seq: u64,
+    /// How long Redis keeps the history if nothing more is said; `None`:
+    /// no history, or no expiry.
+    pub ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -176,10 +181,14 @@ pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadR
     let Value::Array(parts) = reply else {
         return Err(BadReply);
     };
-    let [Value::Array(entries), oldest, kept, added, length, members, count, seq] =
+    let [Value::Array(entries), oldest, kept, added, length, members, count, seq, ttl] =
         parts.as_slice()
     else {
         return Err(BadReply);
+    };
+    let ttl_ms = match ttl {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
     };
     let presence_seq = match seq {
         Value::Int(n) => u64::try_from(*n).map_err(|_| BadReply)?,
@@ -209,6 +218,7 @@ pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadR
             gap: false,
             roster,
             presence_seq,
+            ttl_ms,
         });
     };
     let mut gap = messages.len() > req.count;
@@ -242,6 +252,7 @@ pub fn decode(reply: &Value, req: &Request, now_ms: u64) -> Result<Fetched, BadR
         gap,
         roster,
         presence_seq,
+        ttl_ms,
     })
 }
 
@@ -306,6 +317,7 @@ mod tests {
             Value::Nil,
             Value::Nil,
             Value::Nil,
+            Value::Int(-2),
         ])
     }
 
@@ -449,6 +461,7 @@ mod tests {
             Value::Array(vec![b(r#"{"user":"a","session":"s"}"#)]),
             Value::Int(7),
             Value::Int(12),
+            Value::Int(-1),
         ]);
         let got = decode(&reply, &req(None, 0), 0).unwrap();
         assert_eq!(
@@ -456,6 +469,22 @@ mod tests {
             Some((vec![r#"{"user":"a","session":"s"}"#.to_owned()], 7))
         );
         assert!(got.messages.is_empty());
+    }
+
+    #[test]
+    fn the_time_to_live_is_read_when_there_is_one() {
+        let with_ttl = |ttl| {
+            let Value::Array(mut parts) = reply(&["5-0"], Some("5-0"), false, None) else {
+                unreachable!()
+            };
+            parts[8] = Value::Int(ttl);
+            decode(&Value::Array(parts), &req(None, 5), 0)
+                .unwrap()
+                .ttl_ms
+        };
+        assert_eq!(with_ttl(1500), Some(1500));
+        assert_eq!(with_ttl(-1), None);
+        assert_eq!(with_ttl(-2), None);
     }
 
     #[test]
@@ -471,9 +500,13 @@ mod tests {
                 Value::Nil,
                 Value::Nil,
                 Value::Nil,
+                Value::Nil,
+                Value::Nil,
             ]),
             Value::Array(vec![
                 Value::Array(vec![b("junk")]),
+                Value::Nil,
+                Value::Nil,
                 Value::Nil,
                 Value::Nil,
                 Value::Nil,
@@ -489,6 +522,8 @@ mod tests {
                 Value::Nil,
                 Value::Nil,
                 Value::Nil,
+                Value::Nil,
+                Value::Nil,
             ]),
             Value::Array(vec![
                 Value::Array(vec![]),
@@ -498,6 +533,8 @@ mod tests {
                 Value::Nil,
                 Value::Array(vec![Value::Int(3)]),
                 Value::Int(1),
+                Value::Nil,
+                Value::Nil,
             ]),
         ] {
             assert_eq!(decode(&bad, &req(None, 5), 0), Err(BadReply), "{bad:?}");

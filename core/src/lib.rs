@@ -11,6 +11,7 @@ pub mod history;
 pub mod names;
 pub mod presence;
 pub mod rate;
+pub mod recent;
 pub mod redis_addr;
 pub mod resp;
 pub mod room;
