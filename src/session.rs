@@ -194,6 +194,29 @@ impl Held {
     }
 }
 
+/// A welcome waiting for Redis.
+struct Fetch {
+    /// What the welcome needs.
+    req: Request,
+    /// Live events meanwhile.
+    held: Held,
+    /// Only the members were asked for: the history is the room's copy's.
+    members_only: bool,
+}
+
+impl Fetch {
+    /// What Redis is asked.
+    fn asked(&self) -> Request {
+        match self.members_only {
+            true => Request {
+                count: 0,
+                ..self.req
+            },
+            false => self.req,
+        }
+    }
+}
+
 pub struct Session {
     key: Key,
     /// The session's id in events, unique across workers and hosts.
@@ -229,9 +252,9 @@ pub struct Session {
     /// promised.
     presence_cursor: u64,
     pub own_join: Option<u64>,
-    /// Set while this member's history is being fetched.
+    /// Set while this member's welcome waits for Redis.
     /// Boxed: idle sessions, the many, need only the pointer.
-    fetching: Option<Box<(Request, Held)>>,
+    fetching: Option<Box<Fetch>>,
     closing: bool,
     /// The client may still be sending (it caused the close, or sent more
     /// since): once the close frame is out, linger rather than close.
@@ -462,7 +485,7 @@ impl Session {
     /// that long, and the caller is to call `flush_later_due` then.
     pub fn deliver(&mut self, mark: Mark, frame: &Rc<[u8]>) -> Option<ngx_msec_t> {
         if let Some(fetch) = &mut self.fetching {
-            let held = &mut fetch.1;
+            let held = &mut fetch.held;
             let limit = self.conf.send_limit();
             if !held.hold(mark, frame, limit.soft + limit.burst) {
                 self.pending_close = Some((close::POLICY, close::SLOW_CONSUMER));
@@ -563,34 +586,46 @@ impl Session {
         })
     }
 
-    /// Admits the member to its live room: answers from the worker's copy
-    /// of the room's history when it has one (`recent`; `None` while the
-    /// room is not live), otherwise asks Redis for what the welcome needs
-    /// (live messages wait meanwhile), or welcomes it at once when there is
-    /// nothing to ask or it cannot be asked now.
+    /// Admits the member to its live room: asks Redis for what the welcome
+    /// needs (live messages wait meanwhile), but not for the history when
+    /// the worker has a copy of it (`recent`; `None` while the room is not
+    /// live): without presence the member is then welcomed at once, as it
+    /// is when there is nothing to ask or it cannot be asked now.
     pub fn admit(&mut self, link: &mut Transport, mut recent: Option<&mut Recent>) -> Admission {
         let Some(req) = self.admission() else {
             return Admission::Welcomed(self.welcome(None));
         };
         let shape = Shape::of(&req);
+        let budget = self.conf.send_limit().soft;
+        let mut members_only = false;
         if let (Some(shape), Some(recent)) = (shape, recent.as_deref_mut()) {
-            let budget = self.conf.send_limit().soft;
             if let Some(messages) = recent.serve(shape, budget, time::now_ms()) {
-                metrics::count(Counter::HistoryCached, 1);
-                let early = self.welcome_once(None);
-                self.send_history(&req, messages, false);
-                return Admission::Welcomed(early);
+                if req.members == 0 {
+                    metrics::count(Counter::HistoryCached, 1);
+                    let early = self.welcome_once(None);
+                    self.send_history(&req, messages, false);
+                    return Admission::Welcomed(early);
+                }
+                members_only = true;
             }
         }
-        if link.fetch(&self.channel, &req, self.key.to_raw()).is_err() {
+        let fetch = Fetch {
+            req,
+            held: Held::default(),
+            members_only,
+        };
+        if link
+            .fetch(&self.channel, &fetch.asked(), self.key.to_raw())
+            .is_err()
+        {
             let early = self.welcome(None);
             self.history_unavailable();
             return Admission::Welcomed(early);
         }
-        if let (Some(shape), Some(recent)) = (shape, recent) {
+        if let (Some(shape), Some(recent), false) = (shape, recent, members_only) {
             recent.begin(shape, self.key.to_raw());
         }
-        self.fetching = Some(Box::new((req, Held::default())));
+        self.fetching = Some(Box::new(fetch));
         Admission::Waiting
     }
 
@@ -606,25 +641,22 @@ impl Session {
         link: &mut Transport,
         recent: &mut Recent,
     ) -> (Option<Position>, Option<Vec<String>>) {
-        let Some(req) = self.fetching.as_ref().map(|f| f.0) else {
+        let Some((req, asked, members_only)) =
+            (self.fetching.as_ref()).map(|f| (f.req, f.asked(), f.members_only))
+        else {
             return (None, None);
         };
         let Some(reply) = reply else {
-            if link.fetch(&self.channel, &req, self.key.to_raw()).is_ok() {
-                return (None, None);
-            }
-            let early = self.welcome(None);
-            self.history_unavailable();
-            self.release_held();
-            return (None, early);
+            return self.fetch_again(&asked, link);
         };
-        let fetched = match history::decode(reply, &req, time::now_ms()) {
+        let now = time::now_ms();
+        let fetched = match history::decode(reply, &asked, now) {
             Ok(mut fetched) => {
                 if let Some((members, _)) = &mut fetched.roster {
                     self.list_self(members, req.members);
                     self.presence_cursor = fetched.presence_seq;
                 }
-                if Shape::of(&req).is_some() {
+                if !members_only && Shape::of(&req).is_some() {
                     recent.prime(
                         self.key.to_raw(),
                         &fetched.messages,
@@ -651,6 +683,22 @@ impl Session {
                 members,
                 count: *count,
             });
+        if let (Some(shape), true, Some(_)) = (Shape::of(&req), members_only, &fetched) {
+            let budget = self.conf.send_limit().soft;
+            let Some(messages) = recent.serve(shape, budget, now) else {
+                // The copy went (an outage) while the members were asked
+                // for: ask for the history too.
+                if let Some(f) = &mut self.fetching {
+                    f.members_only = false;
+                }
+                return self.fetch_again(&req, link);
+            };
+            metrics::count(Counter::HistoryCached, 1);
+            let early = self.welcome_once(roster);
+            let newest = self.send_history(&req, messages, false);
+            self.release_held();
+            return (newest, early);
+        }
         let early = self.welcome_once(roster);
         let mut newest = None;
         match fetched {
@@ -660,6 +708,22 @@ impl Session {
         }
         self.release_held();
         (newest, early)
+    }
+
+    /// Asks Redis (again) for what the welcome waits for; if it cannot be
+    /// asked, welcomes the member without history.
+    fn fetch_again(
+        &mut self,
+        asked: &Request,
+        link: &mut Transport,
+    ) -> (Option<Position>, Option<Vec<String>>) {
+        if link.fetch(&self.channel, asked, self.key.to_raw()).is_ok() {
+            return (None, None);
+        }
+        let early = self.welcome(None);
+        self.history_unavailable();
+        self.release_held();
+        (None, early)
     }
 
     /// `welcome`, then `bad_since` if the client's `since` was not an id.
@@ -730,8 +794,7 @@ impl Session {
 
     fn release_held(&mut self) {
         if let Some(fetch) = self.fetching.take() {
-            let (_, held) = *fetch;
-            for (mark, frame) in held.frames {
+            for (mark, frame) in fetch.held.frames {
                 self.deliver(mark, &frame);
             }
         }

@@ -1,16 +1,17 @@
 # A worker's copy of a room's history: a member joining a room the worker
-# already follows (presence off, no since=) gets its history from what the
-# worker saw go by, without a fetch. The oracle throughout is Redis: the
-# same room joined through a location with presence on (which always
-# fetches), and XREVRANGE on the stream.
+# already follows (no since=) gets its history from what the worker saw go
+# by: without presence with no fetch at all, with presence with a fetch of
+# the members only. The oracle throughout is Redis (XRANGE on the stream).
 # (a) messages from this worker, from another nginx (another host) and from
 #     a backend writing to Redis directly: a joiner's history is the newest
 #     5 (websocket_chat_history 5), equal to Redis's; history_cached counts
-#     it and history_fetches does not;
+#     it and history_fetches does not; with presence on, the same history,
+#     and the member list;
 # (b) the seam: 20 members join one after another while messages are in
-#     flight from the other host; each joiner's history then live messages
-#     are exactly the tail of what a member present from the start got (no
-#     gap, no duplicate), with a full history; all 20 come from the copy;
+#     flight from the other host, half with presence on; each joiner's
+#     history then live messages are exactly the tail of what a member
+#     present from the start got (no gap, no duplicate), with a full
+#     history; all 20 come from the copy;
 # (c) a history whose keep time passed (websocket_chat_history 5 1s): once
 #     Redis has dropped the stream, a joiner gets an empty history; after a
 #     new message, only that one;
@@ -19,13 +20,16 @@
 # (e) the room stays subscribed a moment after its last member leaves: a
 #     member back at once is served from the copy; later the channel is
 #     unsubscribed and a joiner fetches;
-# (f) presence on, since=, and a history larger than the copy keeps (5 x
-#     60 KB, send buffer 1 MB) all fetch, and get all of it;
+# (f) since=, and a history larger than the copy keeps (5 x 60 KB, send
+#     buffer 1 MB) fetch, and get all of it;
 # (g) the copy's first fetch, with messages in flight: 30 rooms take a
 #     message every ms or two from the other host while on this one a first
 #     member joins each (its fetch starts the copy) and then a second (from
 #     the copy): each member's history then live messages are the room's
-#     whole stream, in order, once.
+#     whole stream, in order, once;
+# (h) the copy dropped while a member's fetch of the members only is out
+#     (Redis asleep, then killed and restarted empty): the member is sent
+#     Redis's history, not the worker's.
 use strict;
 use warnings;
 use FindBin;
@@ -33,6 +37,7 @@ use lib "$FindBin::Bin/lib";
 use Test::More;
 use JSON::PP;
 use IO::Select;
+use IO::Socket::INET;
 use POSIX ();
 use Time::HiRes qw(time);
 use ChatTest;
@@ -56,10 +61,13 @@ my $server = join '',
     sprintf($LOC, 'big', 'websocket_chat_presence off; websocket_chat_history 5; websocket_chat_send_buffer 1m;'),
     "        location = /status { websocket_chat_status; }\n";
 
-my $redis = start_redis();
+# DEBUG SLEEP for (h), from loopback only.
+my $redis = start_redis(args => ['--enable-debug-command', 'local']);
 my $rport = $redis->port;
-# (d) restarts Redis under both.
-my @outage = (allow_errors => [qr/\[error\] .*websocket_chat: .*Redis 127\.0\.0\.1:$rport/]);
+# (d) restarts Redis under both; (h) kills it with bytes unread, so a reset
+# may be seen too.
+my @outage = (allow_errors => [qr/\[error\] .*websocket_chat: .*Redis 127\.0\.0\.1:$rport/,
+    qr/\[error\] \d+#\d+: (?:recv|send|writev)\(\) failed \((?:104: Connection reset by peer|32: Broken pipe)\)/]);
 my $a = start_nginx_ok('nginx A starts: 1 worker, locations with presence off and on',
     chat_config(server => $server), redis => $redis, @outage);
 my $b = start_nginx_ok('nginx B (another host on the same Redis) starts',
@@ -157,8 +165,14 @@ sub same_ids {
               '(a) carol joined from the copy: history_cached +1, no fetch');
     same_ids($got, [@seen[2 .. 6]], "(a) carol's history: the newest 5, in order, the backend's included");
     same_ids($got, redis_ids('ca', 5), "(a) carol's history is Redis's newest 5");
+    $before = counters();
     my $ref = join_at($a, 'ref5', 'ca', 'ref');
-    same_ids(history_ids($ref), $got, "(a) a joiner that fetched (presence on) got the same history");
+    same_ids(history_ids($ref), $got, '(a) a joiner with presence on: the same history');
+    my $members = $ref->welcome->{members};
+    is_deeply([sort map { $_->{user} } @{ ref $members eq 'ARRAY' ? $members : [] }], ['ref'],
+              '(a) and the member list from Redis (the others are in without presence)');
+    is_deeply(grew($before), { fetched => 1, cached => 1 },
+              '(a) presence on: the members fetched, the history from the copy');
     $_->disconnect for $alice, $bob, $carol, $ref;
 }
 
@@ -174,7 +188,7 @@ sub same_ids {
     for my $i (1 .. 20) {
         # In flight through B and Redis while the next member joins on A.
         $pub->send_text("b-$i");
-        push @joiners, join_at($a, 'ws5', 'cb', "j$i");
+        push @joiners, join_at($a, $i % 2 ? 'ws5' : 'ref5', 'cb', "j$i");
         $joiners[-1]{hist} = history_ids($joiners[-1]);
     }
     $pub->send_text('b-end');
@@ -194,7 +208,8 @@ sub same_ids {
         diag("joiner: history [@{ $j->{hist} // [] }] live [@live]; alice [@all]") unless $ok;
     }
     is($bad, 0, '(b) each of 20 joiners: a full history, then every later message once, in order');
-    is_deeply(grew($before), { fetched => 0, cached => 20 }, '(b) all 20 joins came from the copy');
+    is_deeply(grew($before), { fetched => 10, cached => 20 },
+              '(b) all 20 joins came from the copy; the 10 with presence fetched their members');
     $_->disconnect for $alice, $pub, @joiners;
 }
 
@@ -267,11 +282,9 @@ sub same_ids {
     $alice->send_text('f-1');
     my $id = live_id($alice, 'f-1');
     my $before = counters();
-    my $ref = join_at($a, 'ref5', 'cf', 'ref');
-    same_ids(history_ids($ref), [$id], '(f) presence on: the history');
     my $since = join_at($a, 'ws5', 'cf', 'resumer', since => '0-1');
     same_ids(history_ids($since), [$id], '(f) since=: what came after');
-    is_deeply(grew($before), { fetched => 2, cached => 0 }, '(f) both fetched');
+    is_deeply(grew($before), { fetched => 1, cached => 0 }, '(f) fetched');
 
     my $big = join_at($a, 'big', 'cg', 'alice');
     history_ids($big);
@@ -285,7 +298,7 @@ sub same_ids {
     my $joiner = join_at($a, 'big', 'cg', 'bob');
     same_ids(history_ids($joiner), \@ids, '(f) 5 x 60 KB, more than a copy keeps: all of them');
     is(grew($before)->{fetched}, 1, '(f) fetched');
-    $_->disconnect for $alice, $ref, $since, $big, $joiner;
+    $_->disconnect for $alice, $since, $big, $joiner;
 }
 
 # ---------------------------------------------------------------- (g)
@@ -338,6 +351,29 @@ sub same_ids {
     is($g->{fetched} + $g->{cached}, 60, '(g) 60 joins');
     cmp_ok($g->{cached}, '>=', 1, "(g) second members came from the copy ($g->{cached} of 30)");
     $_->disconnect for values %first, values %second;
+}
+
+# ---------------------------------------------------------------- (h)
+{
+    my $alice = join_at($a, 'ws5', 'ch', 'alice');
+    history_ids($alice);
+    $alice->send_text('h-1');
+    ok(live_id($alice, 'h-1'), '(h) a message; the worker has the room\'s copy');
+    my $sleeper = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $rport, Proto => 'tcp', Timeout => 2)
+        or die "connect to Redis: $!";
+    my $cmd = "*3\r\n\$5\r\nDEBUG\r\n\$5\r\nSLEEP\r\n\$1\r\n3\r\n";
+    syswrite($sleeper, $cmd) == length $cmd or die "write DEBUG SLEEP: $!";
+    # Refused, it would answer at once.
+    ok(!IO::Select->new($sleeper)->can_read(0.3), '(h) Redis sleeps (DEBUG SLEEP 3 unanswered after 0.3s)');
+    my $before = counters();
+    my $ivy = WSClient->connect(port => $a->port, path => '/ref5?room=ch&nick=ivy');
+    ok($ivy, '(h) ivy (presence on) is upgraded; her fetch of the members waits on Redis');
+    $redis->kill;
+    $redis->restart;
+    ok($ivy->wait_type('welcome', 15), '(h) Redis killed and restarted empty: ivy is welcomed');
+    same_ids(history_ids($ivy), [], "(h) ivy: Redis's history (empty), not the worker's copy");
+    cmp_ok(grew($before)->{fetched}, '>=', 2, '(h) the history was fetched after the members');
+    $_->disconnect for $alice, $ivy;
 }
 
 done_all();

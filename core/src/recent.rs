@@ -27,10 +27,10 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// The shape of a request that a copy can answer: the newest messages,
-    /// without members (those live in Redis alone).
+    /// The shape of a request whose history a copy can answer: the newest
+    /// messages, not those since a given one. (Members live in Redis alone.)
     pub fn of(req: &Request) -> Option<Shape> {
-        (req.since.is_none() && req.members == 0 && req.count > 0).then_some(Shape {
+        (req.since.is_none() && req.count > 0).then_some(Shape {
             count: req.count,
             keep_ms: req.keep_ms,
         })
@@ -240,7 +240,7 @@ mod tests {
     }
 
     #[test]
-    fn shape_is_only_for_newest_messages_without_members() {
+    fn shape_is_only_for_the_newest_messages() {
         let req = |since, members| Request {
             since,
             count: 3,
@@ -249,7 +249,7 @@ mod tests {
         };
         assert_eq!(Shape::of(&req(None, 0)), Some(SHAPE));
         assert_eq!(Shape::of(&req(Some(pos(1)), 0)), None);
-        assert_eq!(Shape::of(&req(None, 50)), None);
+        assert_eq!(Shape::of(&req(None, 50)), Some(SHAPE));
     }
 
     #[test]
