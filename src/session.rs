@@ -631,10 +631,10 @@ impl Session {
 
     /// The fetch `admit` asked for has come back (`None`: lost with its
     /// connection; it is asked for again). Sends `welcome`, `gap` if
-    /// messages are missing, `history`, then what was held; starts the
-    /// room's copy of its history if this fetch was to (`recent`). Returns
-    /// the newest position sent (for the room) and what the member typed
-    /// meanwhile (for the room to publish).
+    /// messages are missing, `history` (from the room's copy, `recent`, if
+    /// only the members were asked for), then what was held; starts the
+    /// copy if this fetch was to. Returns the newest position sent (for the
+    /// room) and what the member typed meanwhile (for the room to publish).
     pub fn end_fetch(
         &mut self,
         reply: Option<&Value>,
@@ -657,12 +657,7 @@ impl Session {
                     self.presence_cursor = fetched.presence_seq;
                 }
                 if !members_only && Shape::of(&req).is_some() {
-                    recent.prime(
-                        self.key.to_raw(),
-                        &fetched.messages,
-                        fetched.ttl_ms,
-                        time::now_ms(),
-                    );
+                    recent.prime(self.key.to_raw(), &fetched.messages, fetched.ttl_ms, now);
                 }
                 Some(fetched)
             }
