@@ -736,6 +736,15 @@ impl Rooms {
         let mark = Mark::of(payload);
         let frame = frame::text_frame(payload);
         if let Some(room) = self.rooms.get_mut(channel) {
+            // A recovering room has no copy (reset when it was subscribed
+            // anew), so this is a no-op while it holds live messages.
+            if let Some(pos) = mark.pos {
+                let total = &mut self.recent_bytes;
+                room.recent(total, |r| r.seen(pos, event, time::now_ms()));
+                if *total > recent::WORKER_BYTES {
+                    room.recent(total, Recent::reset);
+                }
+            }
             if let Some((_, held)) = &mut room.recovering {
                 if held.hold(mark, &frame, RECOVERY_HOLD) {
                     return;
@@ -747,13 +756,6 @@ impl Rooms {
                     channel
                 );
                 self.release_recovery(sessions, channel);
-            }
-        }
-        if let (Some(pos), Some(room)) = (mark.pos, self.rooms.get_mut(channel)) {
-            let total = &mut self.recent_bytes;
-            room.recent(total, |r| r.seen(pos, event, time::now_ms()));
-            if *total > recent::WORKER_BYTES {
-                room.recent(total, Recent::reset);
             }
         }
         self.fan_out(sessions, channel, mark, &frame);
