@@ -5,9 +5,9 @@ use core::ptr;
 
 use ngx::ffi::{
     ngx_exiting, ngx_http_arg, ngx_http_complex_value, ngx_http_complex_value_t,
-    ngx_http_request_t, ngx_http_send_header, ngx_http_send_special, ngx_int_t, ngx_str_t,
-    ngx_tcp_nodelay, NGX_DECLINED, NGX_DONE, NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FLUSH,
-    NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_SWITCHING_PROTOCOLS,
+    ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_str_t, ngx_tcp_nodelay, NGX_DECLINED,
+    NGX_DONE, NGX_ERROR, NGX_HTTP_BAD_REQUEST, NGX_HTTP_INTERNAL_SERVER_ERROR,
+    NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_SWITCHING_PROTOCOLS, NGX_HTTP_WRITE_BUFFERED,
     NGX_LOG_INFO, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule, Request};
@@ -88,9 +88,10 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
     }
 
     let deflate = lc.deflate().then(|| extensions(req)).flatten();
-    if let Err(rc) = send_switching_protocols(req, &accept, deflate.as_ref()) {
-        return rc;
-    }
+    let head = match switching_protocols(req, &accept, deflate.as_ref()) {
+        Ok(head) => head,
+        Err(rc) => return rc,
+    };
 
     // The client may have sent its first frames in the same packet as the
     // handshake; they already sit in the header buffer.
@@ -102,6 +103,7 @@ pub extern "C" fn websocket_chat_handler(r: *mut ngx_http_request_t) -> ngx_int_
         let main_req = &mut *req.main;
         main_req.set_count(main_req.count() + 1);
         let upgrade = Upgrade {
+            head,
             room,
             user,
             since: since(req).map(|s| String::from_utf8_lossy(&s).into_owned()),
@@ -208,11 +210,14 @@ fn extensions(req: &mut ngx_http_request_t) -> Option<Agreement> {
     )
 }
 
-fn send_switching_protocols(
+/// Makes the 101 header and takes it back out of nginx's output: it leaves
+/// in the session's first write, with the welcome when that is ready in the
+/// same turn (one packet and one syscall for a join instead of two).
+fn switching_protocols(
     req: &mut ngx_http_request_t,
     accept: &str,
     deflate: Option<&Agreement>,
-) -> Result<(), ngx_int_t> {
+) -> Result<Vec<u8>, ngx_int_t> {
     req.headers_out.status = NGX_HTTP_SWITCHING_PROTOCOLS as usize;
     req.headers_out.status_line = static_str(b"101 Switching Protocols");
     req.set_keepalive(0);
@@ -237,12 +242,7 @@ fn send_switching_protocols(
     if rc == NGX_ERROR as isize || rc > NGX_OK as isize {
         return Err(rc);
     }
-    // Small headers wait for more output in nginx's write filter; push the
-    // 101 out now, as nginx's own upgrade path does.
-    // SAFETY: the request is live.
-    if unsafe { ngx_http_send_special(req, NGX_HTTP_FLUSH as _) } == NGX_ERROR as isize {
-        return Err(NGX_ERROR as ngx_int_t);
-    }
+    let head = take_output(req).ok_or(NGX_ERROR as ngx_int_t)?;
     // SAFETY: the request and its location configuration are live.
     unsafe {
         if let Some(clcf) = NgxHttpCoreModule::location_conf(&*req) {
@@ -251,7 +251,36 @@ fn send_switching_protocols(
             }
         }
     }
-    Ok(())
+    Ok(head)
+}
+
+/// The bytes waiting in the request's output chain, which is left empty. A
+/// header smaller than `postpone_output` waits there for more output; a
+/// larger one waits only for what the socket did not take.
+fn take_output(req: &mut ngx_http_request_t) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut cl = req.out;
+    // SAFETY: the chain is the write filter's, made of live links from the
+    // request's pool; header buffers are in memory, between pos and last.
+    unsafe {
+        while !cl.is_null() {
+            let b = &*(*cl).buf;
+            if b.temporary() != 0 || b.memory() != 0 || b.mmap() != 0 {
+                let len = b.last.offset_from(b.pos) as usize;
+                bytes.extend_from_slice(std::slice::from_raw_parts(b.pos, len));
+            } else if b.in_file() != 0 {
+                return None;
+            }
+            cl = (*cl).next;
+        }
+    }
+    req.out = ptr::null_mut();
+    let unbuffered = !NGX_HTTP_WRITE_BUFFERED;
+    req.set_buffered(req.buffered() & unbuffered);
+    // SAFETY: a live request has a live connection.
+    let c = unsafe { &mut *req.connection };
+    c.set_buffered(c.buffered() & unbuffered);
+    Some(bytes)
 }
 
 /// The id of the last message a reconnecting client saw: the `since` query

@@ -10,9 +10,9 @@ use std::rc::Rc;
 
 use ngx::ffi::{
     ngx_connection_t, ngx_current_msec, ngx_handle_read_event, ngx_handle_write_event,
-    ngx_http_close_connection, ngx_http_connection_t, ngx_http_free_request,
-    ngx_http_output_filter, ngx_http_request_t, ngx_msec_t, ngx_pfree, ngx_pool_cleanup_add,
-    ngx_pool_cleanup_pt, NGX_ERROR, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_WARN, NGX_OK,
+    ngx_http_close_connection, ngx_http_connection_t, ngx_http_free_request, ngx_http_request_t,
+    ngx_msec_t, ngx_pfree, ngx_pool_cleanup_add, ngx_pool_cleanup_pt, NGX_LOG_ERR, NGX_LOG_INFO,
+    NGX_LOG_WARN, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 use ngx::ngx_log_error;
@@ -110,6 +110,8 @@ pub enum Admission {
 
 /// What the handshake established, for the session it becomes.
 pub struct Upgrade {
+    /// The 101 response, to go out first.
+    pub head: Vec<u8>,
     pub room: String,
     pub user: String,
     /// The `since` the client sent, as it sent it.
@@ -284,6 +286,9 @@ pub struct Session {
     closed: Option<(u16, CloseKind)>,
     /// permessage-deflate's window for what the client is sent.
     deflate: Option<u8>,
+    /// Bytes of the 101 still in the queue: they are not WebSocket traffic,
+    /// and no truncation may cut them.
+    head_unsent: usize,
 }
 
 /// A connection to end once the worker's state is no longer borrowed:
@@ -304,7 +309,7 @@ impl Session {
     /// `key` is the one the worker will keep it under.
     ///
     /// # Safety
-    /// `r` must be a main request whose 101 header has been sent.
+    /// `r` must be a main request whose 101 header is `upgrade.head`.
     pub unsafe fn new(
         key: Key,
         r: *mut ngx_http_request_t,
@@ -312,6 +317,7 @@ impl Session {
         upgrade: Upgrade,
     ) -> Session {
         let Upgrade {
+            head,
             room,
             user,
             since,
@@ -339,6 +345,8 @@ impl Session {
             .max_message_size(Some(conf.max_message()))
             .max_frame_size(Some(conf.max_message()));
         let mut io = ClientIo::new(c, conf.send_limit(), conf.max_message(), deflate.is_some());
+        let head_unsent = head.len();
+        io.queue.push_unbounded(head.into());
         let preread = io.admit_preread(preread);
         let ws = WebSocket::from_partially_read(io, preread, Role::Server, Some(config));
         let channel = conf.channel(&room);
@@ -384,6 +392,7 @@ impl Session {
             messages_out: 0,
             closed: None,
             deflate,
+            head_unsent,
         }
     }
 
@@ -1038,7 +1047,7 @@ impl Session {
         );
         let queue = &mut self.ws.get_mut().queue;
         if reason == close::SLOW_CONSUMER {
-            queue.truncate_to_partial();
+            queue.truncate_to(usize::from(self.head_unsent > 0));
         }
         queue.push_unbounded(frame::close_frame(code, reason));
         self.closing = true;
@@ -1103,21 +1112,6 @@ impl Session {
     /// Sends what is queued; once a close has drained, lingers.
     pub fn flush(&mut self) -> Step {
         let c = self.c;
-        if let Some(r) = self.request.map(NonNull::as_ptr) {
-            // SAFETY: a held request is live; the 101 header may still sit in
-            // its output chain if the socket was full when it was sent, and
-            // must go first.
-            unsafe {
-                if !(*r).out.is_null()
-                    && ngx_http_output_filter(r, ptr::null_mut()) == NGX_ERROR as isize
-                {
-                    return Step::Finish;
-                }
-                if !(*r).out.is_null() {
-                    return self.arm_write();
-                }
-            }
-        }
         if self.lingering_until.is_some() {
             return Step::Flush;
         }
@@ -1125,10 +1119,10 @@ impl Session {
         let before = queue.bytes();
         // SAFETY: c is live.
         let flushed = unsafe { queue.flush(c, usize::MAX) };
-        metrics::count(
-            Counter::BytesSent,
-            before.saturating_sub(queue.bytes()) as u64,
-        );
+        let sent = before.saturating_sub(queue.bytes());
+        let head = sent.min(self.head_unsent);
+        self.head_unsent -= head;
+        metrics::count(Counter::BytesSent, (sent - head) as u64);
         match flushed {
             Err(_) => Step::Finish,
             Ok(Flushed::All) if self.closing => self.after_close_frame(),
@@ -1274,7 +1268,8 @@ impl Session {
         let c = self.c;
         // SAFETY: a held request is live, and so is its connection.
         unsafe {
-            if !(*r).out.is_null()
+            if self.head_unsent != 0
+                || !(*r).out.is_null()
                 || (*c).buffered() != 0
                 || (*r).count() != 1
                 || (*r).blocked() != 0

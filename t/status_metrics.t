@@ -66,6 +66,12 @@ my $server = <<'EOT';
             websocket_chat_user $arg_nick;
             websocket_chat_rate 1r/m;
         }
+        location = /ws-quiet {
+            websocket_chat;
+            websocket_chat_room $arg_room;
+            websocket_chat_user $arg_nick;
+            websocket_chat_presence off;
+        }
         location = /ws-origin {
             websocket_chat;
             websocket_chat_room $arg_room;
@@ -383,6 +389,17 @@ is($s3->{bytes_received} - $s2->{bytes_received}, $sent_frames,
    "bytes_received grew by the $sent_frames bytes of the clients' frames");
 is($s3->{bytes_sent} - $s2->{bytes_sent}, $got_bytes,
    "bytes_sent grew by the $got_bytes bytes of the message frames the members got");
+
+# The 101 leaves in the same write as the welcome and history, but is not
+# WebSocket traffic: a join adds the bytes of its frames alone.
+my $quiet = WSClient->join(port => $port, location => '/ws-quiet', room => 'quiet', nick => 'q1');
+ok($quiet->wait_type('history', 5), 'a quiet join gets welcome and history');
+my $join_bytes = 0;
+$join_bytes += frame_len(length $_->{_raw}) for $quiet->events;
+my $s4 = poll_status(sub { $_[0]{bytes_sent} >= $s3->{bytes_sent} + $join_bytes });
+is($s4->{bytes_sent} - $s3->{bytes_sent}, $join_bytes,
+   "bytes_sent grew by the $join_bytes bytes of the joiner's frames, not its 101");
+$quiet->disconnect;
 
 # ---------------------------------------------------------------- 3. closes
 my $b3 = poll_status(sub { 1 });

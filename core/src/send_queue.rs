@@ -134,12 +134,12 @@ impl SendQueue {
         }
     }
 
-    /// Keeps only a chunk that is part-way out (cutting it would corrupt the
-    /// stream) and drops the rest.
-    pub fn truncate_to_partial(&mut self) {
-        let keep = usize::from(self.chunks.front().is_some_and(|c| c.sent > 0));
-        self.chunks.truncate(keep);
-        self.bytes = self.chunks.front().map_or(0, |c| c.data.len() - c.sent);
+    /// Keeps the first `owed` chunks and a chunk that is part-way out
+    /// (cutting either would corrupt the stream) and drops the rest.
+    pub fn truncate_to(&mut self, owed: usize) {
+        let partial = usize::from(self.chunks.front().is_some_and(|c| c.sent > 0));
+        self.chunks.truncate(owed.max(partial));
+        self.bytes = self.chunks.iter().map(|c| c.data.len() - c.sent).sum();
         self.recheck();
     }
 
@@ -241,15 +241,30 @@ mod tests {
             q.push(chunk(s), || 0).unwrap();
         }
         q.advance(1);
-        q.truncate_to_partial();
+        q.truncate_to(0);
         assert_eq!(pending(&q), ["bcd"]);
         assert!(q.drop_partial_front());
         assert!(q.is_empty());
         assert!(!q.drop_partial_front());
         // Nothing part-way out: truncation empties the queue.
         q.push(chunk("xyz"), || 0).unwrap();
-        q.truncate_to_partial();
+        q.truncate_to(0);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn owed_chunks_survive_truncation_sent_or_not() {
+        let mut q = SendQueue::new(Limit::strict(100));
+        for s in ["head", "efg", "hi"] {
+            q.push(chunk(s), || 0).unwrap();
+        }
+        q.truncate_to(1);
+        assert_eq!(pending(&q), ["head"]);
+        assert_eq!(q.bytes(), 4);
+        q.advance(2);
+        q.truncate_to(1);
+        assert_eq!(pending(&q), ["ad"]);
+        assert_eq!(q.bytes(), 2);
     }
 
     #[test]
