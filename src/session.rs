@@ -298,6 +298,14 @@ pub struct Finish {
     request: Option<NonNull<ngx_http_request_t>>,
 }
 
+/// The most a member's queue holds before it is written, whatever
+/// `websocket_chat_flush_delay` says: a write this size gains nothing from
+/// waiting, and half the send buffer leaves room for what comes meanwhile.
+fn hold_limit(send_buffer: usize) -> usize {
+    const LARGE_WRITE: usize = 64 * 1024;
+    LARGE_WRITE.min(send_buffer / 2)
+}
+
 fn now() -> ngx_msec_t {
     // SAFETY: nginx's clock, read on its own thread.
     unsafe { ngx_current_msec }
@@ -521,6 +529,16 @@ impl Session {
         if !self.enqueue(frame.clone()) {
             return None;
         }
+        // A queue that makes a large write goes now, in the middle of the
+        // fan-out: waiting would save little, and what waits counts against
+        // the slow-consumer limit, which a client that keeps up must never
+        // reach because one turn brought it many messages.
+        let large = self.ws.get_ref().queue.bytes() >= hold_limit(self.conf.send_limit().soft);
+        if large && self.pending_close.is_none() {
+            self.last_prompt = now();
+            self.write_now();
+            return None;
+        }
         // A member sent room events a moment ago gets what follows in one
         // write a little later, rather than one write per event: the
         // kernel's cost is per write, and busy rooms send many small events.
@@ -542,6 +560,19 @@ impl Session {
     }
 
     /// The rooms' flush clock came for a member whose write was put off.
+    /// Flushes outside the write event; a socket that is full already has
+    /// its write event armed, and is not tried again before it fires.
+    fn write_now(&mut self) {
+        // SAFETY: c is live while the session is.
+        if unsafe { (*(*self.c).write).ready() } == 0 {
+            return;
+        }
+        if self.flush() == Step::Finish {
+            // The write event finds the failure again and ends the session.
+            self.wake_writer();
+        }
+    }
+
     pub fn flush_later_due(&mut self) {
         if std::mem::take(&mut self.flush_waiting) {
             self.last_prompt = now();

@@ -74,6 +74,55 @@ my $redis = start_redis();
     $nginx->stop;
 }
 
+# A member's queue is written once it makes a large write (64 KB, or half
+# the send buffer if that is less), whatever the delay and in the middle of
+# a fan-out. Send buffer 64k with a 64k burst (128 KB in all), delay 1 s:
+# 15 KB messages, many of them in each read from Redis, would pass that
+# limit for a reader that keeps up if they waited for the delay or for the
+# end of the turn. A member that stops reading is still closed.
+{
+    my $nginx = start_nginx(chat_config(location => "websocket_chat_flush_delay 1s;\n"
+                                                  . "websocket_chat_send_buffer 64k burst=64k;\n"
+                                                  . "websocket_chat_presence off;\n"), redis => $redis)
+        ->allow_errors(qr/: closing session of "stalled" in "big": 1008 slow consumer, client: /);
+    my $port = $nginx->port;
+    my $reader  = WSClient->join(port => $port, room => 'big', nick => 'reader');
+    my $stalled = WSClient->join(port => $port, room => 'big', nick => 'stalled', rcvbuf => 4096);
+    my $writer  = WSClient->join(port => $port, room => 'big', nick => 'writer');
+    # Raw frames: decoding 15 KB of JSON in Perl would make the reader slow.
+    my %got = (reader => [], writer => []);
+    my $pump = sub {
+        for my $who (qw(reader writer)) {
+            my $c = $who eq 'reader' ? $reader : $writer;
+            for my $f ($c->pending_frames(0)) {
+                push @{ $got{$who} }, $1 if $f->{opcode} == 1 && $f->{payload} =~ /"text":"(big-\d+) /;
+            }
+        }
+    };
+    my $stalled_closed = sub { $nginx->error_log_text =~ /"stalled" in "big": 1008 slow consumer/ };
+    my @sent;
+    while (@sent < 400 && !$stalled_closed->()) {
+        push @sent, sprintf 'big-%03d', scalar @sent;
+        $writer->send_text("$sent[-1] " . ('b' x 15000));
+        $pump->();
+    }
+    note(scalar(@sent) . ' messages of 15 KB sent');
+    ok(wait_until(sub { $pump->(); @{ $got{reader} } >= @sent && @{ $got{writer} } >= @sent }, 5, 0.005),
+       'the reader and the writer get every message');
+    is_deeply($got{reader}, \@sent, 'the reader that keeps up gets them all, in order');
+    ok(!$reader->got_close && !$reader->eof, 'and is not closed');
+    ok(wait_until($stalled_closed, 10), 'the member that stopped reading is closed as a slow consumer');
+    my $close;
+    my $drain_deadline = time + 20;
+    while (!$close && !$stalled->eof && time < $drain_deadline) {
+        ($close) = grep { $_->{opcode} == 8 } $stalled->pending_frames(0.2);
+    }
+    is($close && $close->{close_code}, 1008, 'its close frame, behind what it had been sent, says 1008');
+    $_->send_close(1000) for $reader, $writer;
+    ok($reader->recv_close(5) && $writer->recv_close(5), 'the others close cleanly');
+    $nginx->stop;
+}
+
 {
     my $nginx = start_nginx(chat_config(location => "websocket_chat_flush_delay off;\n"
                                                   . "websocket_chat_presence off;\n"), redis => $redis);
