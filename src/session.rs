@@ -34,7 +34,7 @@ use crate::conf::{History, LocConf, LogAt};
 use crate::metrics::{self, CloseKind, Counter, Gauge};
 use crate::redis_link::BacklogFull;
 use crate::request_ctx::{pool_str, RequestCtx};
-use crate::send_queue::{FlushTo, Flushed};
+use crate::send_queue::{FlushTo, Flushed, Limit};
 use crate::transport::Transport;
 use crate::{ids, time, zlib};
 
@@ -299,11 +299,12 @@ pub struct Finish {
 }
 
 /// The most a member's queue holds before it is written, whatever
-/// `websocket_chat_flush_delay` says: a write this size gains nothing from
-/// waiting, and half the send buffer leaves room for what comes meanwhile.
-fn hold_limit(send_buffer: usize) -> usize {
-    const LARGE_WRITE: usize = 64 * 1024;
-    LARGE_WRITE.min(send_buffer / 2)
+/// `websocket_chat_flush_delay` says: a quarter of what may wait for it
+/// (`size` + `burst`), which leaves room for what one turn brings meanwhile.
+/// Not less: every write wakes the client, and with big messages writing at
+/// a fixed 64 KB cost both sides far more CPU than the delay's writes.
+fn hold_limit(limit: Limit) -> usize {
+    (limit.soft + limit.burst) / 4
 }
 
 fn now() -> ngx_msec_t {
@@ -533,7 +534,7 @@ impl Session {
         // fan-out: waiting would save little, and what waits counts against
         // the slow-consumer limit, which a client that keeps up must never
         // reach because one turn brought it many messages.
-        let large = self.ws.get_ref().queue.bytes() >= hold_limit(self.conf.send_limit().soft);
+        let large = self.ws.get_ref().queue.bytes() >= hold_limit(self.conf.send_limit());
         if large && self.pending_close.is_none() {
             self.last_prompt = now();
             self.write_now();
