@@ -34,7 +34,7 @@ use crate::conf::{History, LocConf, LogAt};
 use crate::metrics::{self, CloseKind, Counter, Gauge};
 use crate::redis_link::BacklogFull;
 use crate::request_ctx::{pool_str, RequestCtx};
-use crate::send_queue::{FlushTo, Flushed, Limit};
+use crate::send_queue::{FlushTo, Flushed};
 use crate::transport::Transport;
 use crate::{ids, time, zlib};
 
@@ -298,15 +298,6 @@ pub struct Finish {
     request: Option<NonNull<ngx_http_request_t>>,
 }
 
-/// The most a member's queue holds before it is written, whatever
-/// `websocket_chat_flush_delay` says: a quarter of what may wait for it
-/// (`size` + `burst`), which leaves room for what one turn brings meanwhile.
-/// Not less: every write wakes the client, and with big messages writing at
-/// a fixed 64 KB cost both sides far more CPU than the delay's writes.
-fn hold_limit(limit: Limit) -> usize {
-    (limit.soft + limit.burst) / 4
-}
-
 fn now() -> ngx_msec_t {
     // SAFETY: nginx's clock, read on its own thread.
     unsafe { ngx_current_msec }
@@ -534,8 +525,7 @@ impl Session {
         // fan-out: waiting would save little, and what waits counts against
         // the slow-consumer limit, which a client that keeps up must never
         // reach because one turn brought it many messages.
-        let large = self.ws.get_ref().queue.bytes() >= hold_limit(self.conf.send_limit());
-        if large && self.pending_close.is_none() {
+        if self.ws.get_ref().queue.is_large() && self.pending_close.is_none() {
             self.last_prompt = now();
             self.write_now();
             return None;
@@ -560,7 +550,6 @@ impl Session {
         }
     }
 
-    /// The rooms' flush clock came for a member whose write was put off.
     /// Flushes outside the write event; a socket that is full already has
     /// its write event armed, and is not tried again before it fires.
     fn write_now(&mut self) {
@@ -574,6 +563,7 @@ impl Session {
         }
     }
 
+    /// The rooms' flush clock came for a member whose write was put off.
     pub fn flush_later_due(&mut self) {
         if std::mem::take(&mut self.flush_waiting) {
             self.last_prompt = now();

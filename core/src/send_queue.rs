@@ -80,6 +80,15 @@ impl SendQueue {
         self.bytes
     }
 
+    /// Whether what waits should be written now rather than held for a
+    /// later, bigger write: past a quarter of what may wait (`soft` +
+    /// `burst`), holding more would bring a client that keeps up close to
+    /// the limit. Not sooner: every write wakes the client, and with big
+    /// messages writing at a fixed 64 KB cost both sides far more CPU.
+    pub fn is_large(&self) -> bool {
+        self.bytes >= (self.limit.soft + self.limit.burst) / 4
+    }
+
     /// The soft limit is measured again whenever bytes leave or are dropped.
     fn recheck(&mut self) {
         if self.bytes <= self.limit.soft {
@@ -250,6 +259,21 @@ mod tests {
         q.push(chunk("xyz"), || 0).unwrap();
         q.truncate_to(0);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_queue_is_large_from_a_quarter_of_soft_plus_burst() {
+        let mut q = SendQueue::new(Limit {
+            soft: 60,
+            burst: 40,
+            grace_ms: 0,
+        });
+        q.push(chunk(&"x".repeat(24)), || 0).unwrap();
+        assert!(!q.is_large());
+        q.push(chunk("y"), || 0).unwrap();
+        assert!(q.is_large());
+        q.advance(1);
+        assert!(!q.is_large());
     }
 
     #[test]
