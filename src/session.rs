@@ -185,6 +185,10 @@ pub struct Held {
 }
 
 impl Held {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Holds a frame; false once `limit` bytes are held.
     pub fn hold(&mut self, mark: Mark, frame: &Rc<[u8]>, limit: usize) -> bool {
         if self.bytes + frame.len() > limit {
@@ -627,7 +631,7 @@ impl Session {
             return Admission::Welcomed(self.welcome(None));
         };
         let shape = Shape::of(&req);
-        let budget = self.conf.send_limit().soft;
+        let budget = self.history_budget(&req);
         let mut members_only = false;
         if let (Some(shape), Some(recent)) = (shape, recent.as_deref_mut()) {
             if let Some(messages) = recent.serve(shape, budget, time::now_ms()) {
@@ -710,7 +714,7 @@ impl Session {
                 count: *count,
             });
         if let (Some(shape), true, Some(_)) = (Shape::of(&req), members_only, &fetched) {
-            let budget = self.conf.send_limit().soft;
+            let budget = self.history_budget(&req);
             let Some(messages) = recent.serve(shape, budget, now) else {
                 // The copy went (an outage) while the members were asked
                 // for: ask for the history too.
@@ -774,8 +778,7 @@ impl Session {
         messages: &[(Position, String)],
         gap: bool,
     ) -> Option<Position> {
-        let budget = self.conf.send_limit().soft;
-        let (kept, cut) = history::within_budget(messages, budget);
+        let (kept, cut) = history::within_budget(messages, self.history_budget(req));
         if let (Some(since), true) = (req.since, gap || cut) {
             self.notify_gap(&since.to_string());
         }
@@ -809,13 +812,35 @@ impl Session {
 
     /// Tells the client that not everything since `since` reaches it.
     pub fn notify_gap(&mut self, since: &str) {
-        let event = envelope::gap(
+        let event = self.gap_event(since);
+        self.send(frame::text_frame(event.as_bytes()));
+    }
+
+    fn gap_event(&self, since: &str) -> String {
+        envelope::gap(
             &self.room,
             since,
             "some messages since then are no longer in the history",
             time::now_ms(),
-        );
-        self.send(frame::text_frame(event.as_bytes()));
+        )
+    }
+
+    /// How many bytes of message events the history may carry: the send
+    /// buffer's `size`, but never more than the queue still takes past
+    /// what is queued (the 101 and the welcome among it) and held, and the
+    /// history's own frame and a `gap` before it. With `burst=0` a full
+    /// history would otherwise close a member as a slow consumer as it joins.
+    fn history_budget(&self, req: &Request) -> usize {
+        let limit = self.conf.send_limit();
+        let held = self.fetching.as_ref().map_or(0, |f| f.held.bytes());
+        let wrapper = envelope::history(&self.room, time::now_ms(), std::iter::empty()).len();
+        let gap = req.since.map_or(0, |since| {
+            self.gap_event(&since.to_string()).len() + frame::MAX_SERVER_HEAD
+        });
+        let taken = self.ws.get_ref().queue.bytes() + held + wrapper + frame::MAX_SERVER_HEAD + gap;
+        limit
+            .soft
+            .min((limit.soft + limit.burst).saturating_sub(taken))
     }
 
     fn release_held(&mut self) {

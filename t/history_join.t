@@ -5,6 +5,9 @@
 #     then live events;
 # (b) websocket_chat_history 5 in a location: a joiner gets only the newest
 #     5; websocket_chat_send_buffer 4k: only the newest messages that fit;
+#     send_buffer 4k burst=0, with four messages whose events just fit in
+#     4096 bytes: the history leaves room for its own frame and what is
+#     queued before it, so the joiner gets fewer of them and is not closed;
 # (c) the seam: while one publisher sends continuously (forked child, 100/s
 #     for 3 s), 15 members join one by one on 2 workers (listen ... reuseport);
 #     for each joiner the ids of its history then its live messages are
@@ -69,6 +72,7 @@ my $LOC_TEMPLATE = q{
 };
 my $extra = sprintf($LOC_TEMPLATE, 'ws5', 'websocket_chat_history 5;')
           . sprintf($LOC_TEMPLATE, 'small', 'websocket_chat_send_buffer 4k;')
+          . sprintf($LOC_TEMPLATE, 'tight', 'websocket_chat_send_buffer 4k burst=0;')
           . sprintf($LOC_TEMPLATE, 'nohist', 'websocket_chat_history off;');
 
 my $redis = start_redis();
@@ -172,6 +176,39 @@ my (@a_ids, $alice_sid);
               "(b) send_buffer 4k: the newest $fit messages that fit in 4096 bytes, oldest first");
     ok($fit >= 2 && $fit < 10, "(b) send_buffer 4k: the budget cuts the history ($fit of 10 fit)");
     $_->send_close(1000) for $big, $j4;
+}
+
+# ---------------------------------------------------------------- (b) burst=0
+{
+    my $room = 'hj-tight';
+    my $big = WSClient->join(port => $port, location => '/tight', room => $room, nick => 'big');
+    # What an event adds to its text, to size the texts so that four events
+    # take 4064 of the 4096 bytes: 32 bytes too few for the history's frame.
+    $big->send_text('t-00-' . ('x' x 100));
+    my $probe = $big->wait_for(sub { type_of($_[0]) eq 'message' && index($_[0]{text}, 't-00-') == 0 }, 5);
+    my $overhead = $probe ? length($probe->{_raw}) - 105 : 0;
+    ok($overhead > 50, "(b) burst=0: an event adds $overhead bytes to its text");
+    my @raw;
+    for my $i (1 .. 6) {
+        my $tag = sprintf 't-%02d-', $i;
+        $big->send_text($tag . ('x' x (1015 - $overhead - length $tag)));
+        my $m = $big->wait_for(sub { type_of($_[0]) eq 'message' && index($_[0]{text}, $tag) == 0 }, 5);
+        push @raw, $m ? $m->{_raw} : undef;
+    }
+    is_deeply([map { defined $_ ? length $_ : undef } @raw], [(1015) x 6],
+              '(b) burst=0: six events of 1015 bytes, four of which fill 4064 of 4096 bytes');
+    my $j = WSClient->join(port => $port, location => '/tight', room => $room, nick => 'tight');
+    my $h = $j->recv_json(5);
+    is(type_of($h), 'history', '(b) burst=0: welcome, then history');
+    my @m = $h && ref $h->{messages} eq 'ARRAY' ? @{ $h->{messages} } : ();
+    ok(@m >= 1 && @m < 4, '(b) burst=0: the history leaves out what would not fit with its frame (' . scalar(@m) . ' of 4)');
+    is_deeply([map { substr($_->{text}, 0, 4) } @m], [map { sprintf 't-%02d', $_ } 7 - @m .. 6],
+              '(b) burst=0: the newest messages, oldest first');
+    $big->send_text('t-live');
+    ok(wait_text($j, 't-live', 5), '(b) burst=0: the joiner gets the next message live');
+    ok(!defined $j->close_code && !$j->eof, '(b) burst=0: the joiner is not closed')
+        or diag('close code ' . ($j->close_code // 'none'));
+    $_->send_close(1000) for $big, $j;
 }
 
 # ---------------------------------------------------------------- (c) the seam

@@ -18,9 +18,12 @@ fn encode(opcode: OpCode, payload: &[u8]) -> Rc<[u8]> {
     )
 }
 
+/// The longest header of a server frame (no mask): what a frame adds to
+/// its payload, at most.
+pub const MAX_SERVER_HEAD: usize = 10;
+
 fn encode_with(header: FrameHeader, payload: &[u8]) -> Rc<[u8]> {
-    // A server header is at most 10 bytes (no mask).
-    let mut head = io::Cursor::new([0u8; 10]);
+    let mut head = io::Cursor::new([0u8; MAX_SERVER_HEAD]);
     header
         .format(payload.len() as u64, &mut head)
         .expect("a server frame header fits in 10 bytes");
