@@ -74,9 +74,9 @@ my $redis = start_redis();
     $nginx->stop;
 }
 
-# A member's queue is written once it makes a large write (64 KB, or half
-# the send buffer if that is less), whatever the delay and in the middle of
-# a fan-out. Send buffer 64k with a 64k burst (128 KB in all), delay 1 s:
+# A member's queue is written once it makes a large write (a quarter of the
+# send buffer's size + burst), whatever the delay and in the middle of a
+# fan-out. Send buffer 64k with a 64k burst (128 KB in all), delay 1 s:
 # 15 KB messages, many of them in each read from Redis, would pass that
 # limit for a reader that keeps up if they waited for the delay or for the
 # end of the turn. A member that stops reading is still closed.

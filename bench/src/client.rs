@@ -309,10 +309,12 @@ impl Tally {
                 return;
             }
             Frame::Other => {
-                if ["join", "leave", "presence"]
-                    .iter()
-                    .any(|k| t.starts_with(format!("{{\"type\":\"{k}\"").as_bytes()))
-                {
+                const PRESENCE: [&[u8]; 3] = [
+                    b"{\"type\":\"join\"",
+                    b"{\"type\":\"leave\"",
+                    b"{\"type\":\"presence\"",
+                ];
+                if PRESENCE.iter().any(|k| t.starts_with(k)) {
                     self.presence += 1;
                     let mut s = self.sh.borrow_mut();
                     s.presence_events += 1;
