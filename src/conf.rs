@@ -3,7 +3,7 @@
 
 use core::ffi::{c_char, c_void, CStr};
 use core::ops::RangeInclusive;
-use core::{mem, ptr, slice};
+use core::{fmt, mem, ptr, slice};
 
 use ngx::core::{Pool, NGX_CONF_OK};
 use ngx::ffi::{
@@ -14,7 +14,7 @@ use ngx::ffi::{
     ngx_uint_t, ngx_url_t, NGX_SSL_TLSv1_2, NGX_SSL_TLSv1_3, NGX_CONF_1MORE, NGX_CONF_FLAG,
     NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_ERROR, NGX_HTTP_LOC_CONF,
     NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_SRV_CONF,
-    NGX_LOG_EMERG, NGX_OK,
+    NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
@@ -85,6 +85,16 @@ pub struct MainConf {
     /// names are looked up again through it before each reconnect.
     pub resolver: Option<ptr::NonNull<ngx::ffi::ngx_resolver_t>>,
     pub resolver_timeout: ngx_msec_t,
+    /// Each set of rooms chat locations name, with the history of the first.
+    room_spaces: Vec<RoomSpace>,
+}
+
+/// The rooms of one Redis endpoint and channel prefix.
+struct RoomSpace {
+    endpoint: usize,
+    prefix: Box<str>,
+    history: Option<History>,
+    at: Option<ConfPlace>,
 }
 
 /// `websocket_chat_redis_ssl_*`: how `rediss://` endpoints are spoken to.
@@ -139,6 +149,12 @@ struct ConfPlace {
     line: usize,
 }
 
+impl fmt::Display for ConfPlace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
+
 impl ConfPlace {
     fn of(cf: *mut ngx_conf_t) -> Option<ConfPlace> {
         // SAFETY: while a directive is parsed, conf_file is the file it is in.
@@ -170,6 +186,8 @@ pub struct LocConf {
     history: Option<Option<History>>,
     ping_interval: Option<ngx_msec_t>,
     idle_timeout: Option<ngx_msec_t>,
+    /// Where `websocket_chat` or `websocket_chat_publish` is.
+    chat_at: Option<ConfPlace>,
     /// Where the heartbeat was configured in this block, for errors found
     /// only when the levels are merged.
     heartbeat_at: Option<ConfPlace>,
@@ -186,6 +204,19 @@ pub struct LocConf {
 pub struct History {
     pub count: usize,
     pub keep_ms: u64,
+}
+
+/// A history setting as written in the configuration.
+struct HistoryText(Option<History>);
+
+impl fmt::Display for HistoryText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("off"),
+            Some(h) if h.keep_ms % 1000 == 0 => write!(f, "{} {}s", h.count, h.keep_ms / 1000),
+            Some(h) => write!(f, "{} {}ms", h.count, h.keep_ms),
+        }
+    }
 }
 
 /// `websocket_chat_send_buffer size [burst=size]`.
@@ -553,6 +584,9 @@ pub extern "C" fn merge_loc_conf(
             return conf_error();
         }
     }
+    if chat {
+        warn_shared_history(cf, conf);
+    }
     if conf.publish {
         // A message is read whole into memory, never into a temporary file.
         // SAFETY: merging runs with cf->ctx set to this location's.
@@ -562,6 +596,45 @@ pub extern "C" fn merge_loc_conf(
         }
     }
     ptr::null_mut()
+}
+
+/// Locations with the same Redis and channel prefix share their rooms, and
+/// so each room's history: Redis trims it to the setting of the last writer,
+/// and it lacks what was published with history off. Only a warning, since
+/// a location may mean it (a backend's notices kept out of the history).
+fn warn_shared_history(cf: *mut ngx_conf_t, conf: &LocConf) {
+    // SAFETY: merging happens inside the http block, whose main
+    // configuration exists.
+    let Some(main) = Module::main_conf_mut(unsafe { &*cf }) else {
+        return;
+    };
+    let (endpoint, prefix, history) = (conf.redis(), conf.channel_prefix(), conf.history());
+    let first = (main.room_spaces.iter()).find(|r| r.endpoint == endpoint && &*r.prefix == prefix);
+    match first {
+        None => main.room_spaces.push(RoomSpace {
+            endpoint,
+            prefix: prefix.into(),
+            history,
+            at: conf.chat_at.clone(),
+        }),
+        Some(first) if first.history != history => {
+            let place =
+                |at: &Option<ConfPlace>| at.as_ref().map_or(String::new(), |p| p.to_string());
+            // SAFETY: cf->log is the configuration's log during merging.
+            let log = unsafe { (*cf).log };
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                log,
+                "\"websocket_chat_history\" is {} in the location at {} and {} in the one at {}, which share rooms (the same Redis and channel prefix \"{}\"): each room's history is kept as the location that last wrote to it says, and misses what is sent where it is off",
+                HistoryText(first.history),
+                place(&first.at),
+                HistoryText(history),
+                place(&conf.chat_at),
+                prefix
+            );
+        }
+        Some(_) => {}
+    }
 }
 
 /// The directive's arguments, name first.
@@ -637,6 +710,7 @@ extern "C" fn set_websocket_chat(
     if rv != NGX_CONF_OK {
         return rv;
     }
+    lc.chat_at = ConfPlace::of(cf);
     set_location_handler(cf, Some(handler::websocket_chat_handler))
 }
 
@@ -682,6 +756,7 @@ extern "C" fn set_publish(
     if rv != NGX_CONF_OK {
         return rv;
     }
+    lc.chat_at = ConfPlace::of(cf);
     set_location_handler(cf, Some(publish::websocket_chat_publish_handler))
 }
 
