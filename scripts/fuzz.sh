@@ -101,7 +101,7 @@ run_target() {
     else
         result="FAILED (exit $rc, see $log)"
     fi
-    printf '%-11s %6ss %12s %9s %7s  %s\n' "$t" "$seconds" "${execs:-?}" "${rate:-?}" "$corpus" "$result" \
+    printf '%-13s %6ss %12s %9s %7s  %s\n' "$t" "$seconds" "${execs:-?}" "${rate:-?}" "$corpus" "$result" \
         >"$logs/$t.result"
 }
 
@@ -118,7 +118,7 @@ for t in "${targets[@]}"; do
 done
 wait || true
 
-printf '\n%-11s %7s %12s %9s %7s  %s\n' target time execs exec/s corpus result
+printf '\n%-13s %7s %12s %9s %7s  %s\n' target time execs exec/s corpus result
 status=0
 for t in "${targets[@]}"; do
     if [ -f "$logs/$t.result" ]; then
