@@ -267,6 +267,7 @@ impl LocConf {
             soft: size,
             burst,
             grace_ms: SEND_GRACE_MS,
+            oversized: true,
         }
     }
 
@@ -587,6 +588,9 @@ pub extern "C" fn merge_loc_conf(
     if chat {
         warn_shared_history(cf, conf);
     }
+    if conf.enabled {
+        warn_small_send_buffer(cf, conf);
+    }
     if conf.publish {
         // A message is read whole into memory, never into a temporary file.
         // SAFETY: merging runs with cf->ctx set to this location's.
@@ -635,6 +639,30 @@ fn warn_shared_history(cf: *mut ngx_conf_t, conf: &LocConf) {
         }
         Some(_) => {}
     }
+}
+
+/// A send buffer that cannot hold one long message lets such messages reach
+/// a member only one at a time (see `send_queue`): allowed, since a room of
+/// short messages may want it, but worth saying.
+fn warn_small_send_buffer(cf: *mut ngx_conf_t, conf: &LocConf) {
+    let limit = conf.send_limit();
+    if limit.soft + limit.burst >= conf.max_message() {
+        return;
+    }
+    let place = conf
+        .chat_at
+        .as_ref()
+        .map_or(String::new(), ConfPlace::to_string);
+    // SAFETY: cf->log is the configuration's log during merging.
+    let log = unsafe { (*cf).log };
+    ngx_log_error!(
+        NGX_LOG_WARN,
+        log,
+        "\"websocket_chat_send_buffer\" ({} bytes with its burst) is smaller than \"websocket_chat_max_message\" ({} bytes) in the location at {}: members get such long messages one at a time, and one that has one waiting when the next comes is closed as a slow consumer",
+        limit.soft + limit.burst,
+        conf.max_message(),
+        place
+    );
 }
 
 /// The directive's arguments, name first.

@@ -27,13 +27,14 @@ use crate::conf::LocConf;
 use crate::metrics::{self, Gauge, PublishStatus};
 use crate::publish::{self, Outgoing, Refused};
 use crate::redis_link::{self, BacklogFull, Call, Event, Op, Script};
+use crate::send_queue::Limit;
 use crate::session::{close, Admission, Held, Mark, Session};
 use crate::transport::Transport;
 use crate::{ids, time};
 
 /// Live messages a recovering room holds at most; past it, recovery is
 /// given up (and logged) rather than memory spent.
-const RECOVERY_HOLD: usize = 8 << 20;
+const RECOVERY_HOLD: Limit = Limit::strict(8 << 20);
 
 /// Ticks a room stays subscribed after its last member here left: a
 /// member back within it (a page reload, a reconnect) finds it live, and
@@ -746,7 +747,7 @@ impl Rooms {
                 }
             }
             if let Some((_, held)) = &mut room.recovering {
-                if held.hold(mark, &frame, RECOVERY_HOLD) {
+                if held.hold(mark, &frame, &RECOVERY_HOLD) {
                     return;
                 }
                 ngx_log_error!(

@@ -34,7 +34,7 @@ use crate::conf::{History, LocConf, LogAt};
 use crate::metrics::{self, CloseKind, Counter, Gauge};
 use crate::redis_link::BacklogFull;
 use crate::request_ctx::{pool_str, RequestCtx};
-use crate::send_queue::{FlushTo, Flushed};
+use crate::send_queue::{FlushTo, Flushed, Limit};
 use crate::transport::Transport;
 use crate::{ids, time, zlib};
 
@@ -189,9 +189,9 @@ impl Held {
         self.bytes
     }
 
-    /// Holds a frame; false once `limit` bytes are held.
-    pub fn hold(&mut self, mark: Mark, frame: &Rc<[u8]>, limit: usize) -> bool {
-        if self.bytes + frame.len() > limit {
+    /// Holds a frame; false once the limit refuses it.
+    pub fn hold(&mut self, mark: Mark, frame: &Rc<[u8]>, limit: &Limit) -> bool {
+        if !limit.admits(self.bytes, frame.len()) {
             return false;
         }
         self.bytes += frame.len();
@@ -499,8 +499,7 @@ impl Session {
     pub fn deliver(&mut self, mark: Mark, frame: &Rc<[u8]>) -> Option<ngx_msec_t> {
         if let Some(fetch) = &mut self.fetching {
             let held = &mut fetch.held;
-            let limit = self.conf.send_limit();
-            if !held.hold(mark, frame, limit.soft + limit.burst) {
+            if !held.hold(mark, frame, &self.conf.send_limit()) {
                 self.pending_close = Some((close::POLICY, close::SLOW_CONSUMER));
                 self.wake_writer();
             }

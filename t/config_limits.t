@@ -1,7 +1,8 @@
 # nginx -t on the ISSUE3 directives: bad values (rate, sizes, times, an
 # idle_timeout not larger than ping_interval, origin without arguments,
 # duplicates) fail with a message naming file:line; valid values pass at
-# http, server and location level.
+# http, server and location level; a send buffer smaller than the longest
+# message passes with a warning naming the location.
 use strict;
 use warnings;
 use FindBin;
@@ -83,6 +84,27 @@ rejects('send_buffer with an unknown parameter', conf(location => 'websocket_cha
         'websocket_chat_send_buffer');
 accepts('send_buffer with burst=', conf(location => 'websocket_chat_send_buffer 64k burst=512k;'));
 accepts('send_buffer with burst=0', conf(http => 'websocket_chat_send_buffer 1m burst=0;'));
+
+# A send buffer smaller than the longest message passes with a warning that
+# names the location; one as large, or a shorter longest message, with none.
+sub small_buffer_warning {
+    my ($conf) = @_;
+    my ($code, $out, $path) = test_config($conf);
+    my $line = line_of($path, 'websocket_chat;');
+    return ($code, $out =~ /\[warn\].*"websocket_chat_send_buffer" \(4096 bytes with its burst\) is smaller than "websocket_chat_max_message" \(65536 bytes\) in the location at \Q$path\E:$line\b/ ? 1 : 0, $out);
+}
+{
+    my ($code, $warned, $out) = small_buffer_warning(conf(location => 'websocket_chat_send_buffer 4k burst=0;'));
+    is($code, 0, 'send_buffer 4k burst=0: nginx -t passes') or diag($out);
+    ok($warned, 'send_buffer 4k burst=0: warns, naming the sizes and the location') or diag($out);
+    for my $case (['send_buffer 4k burst=60k', 'websocket_chat_send_buffer 4k burst=60k;'],
+                  ['send_buffer 4k burst=0 with max_message 4k',
+                   "websocket_chat_send_buffer 4k burst=0;\nwebsocket_chat_max_message 4k;"]) {
+        my ($code, undef, $out) = small_buffer_warning(conf(location => $case->[1]));
+        is($code, 0, "$case->[0]: nginx -t passes") or diag($out);
+        unlike($out, qr/websocket_chat_send_buffer/, "$case->[0]: no warning") or diag($out);
+    }
+}
 
 # --- times
 rejects('ping_interval "often"', conf(http => 'websocket_chat_ping_interval often;'),

@@ -7,6 +7,11 @@
 //! many messages, all queued before the socket is offered any. So the limit
 //! has two parts, as Redis's own client output buffers do: bytes over
 //! `soft` are allowed for `grace_ms`, and never more than `burst` of them.
+//!
+//! A room's frame is one chunk shared by every member: one larger than the
+//! whole allowance would, refused, close every member however promptly it
+//! reads. Such a chunk is let in where the limit says so (`oversized`), as
+//! long as no more than `soft` waits before it.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -25,16 +30,26 @@ pub struct Limit {
     pub soft: usize,
     pub burst: usize,
     pub grace_ms: u64,
+    /// A chunk larger than `soft` + `burst` is let in when at most `soft`
+    /// waits before it.
+    pub oversized: bool,
 }
 
 impl Limit {
     /// A plain byte limit, with no burst allowance.
-    pub fn strict(bytes: usize) -> Self {
+    pub const fn strict(bytes: usize) -> Self {
         Limit {
             soft: bytes,
             burst: 0,
             grace_ms: 0,
+            oversized: false,
         }
+    }
+
+    /// Whether `len` more bytes may join `waiting` ones, grace aside.
+    pub fn admits(&self, waiting: usize, len: usize) -> bool {
+        let hard = self.soft + self.burst;
+        waiting + len <= hard || (self.oversized && len > hard && waiting <= self.soft)
     }
 }
 
@@ -61,7 +76,7 @@ impl SendQueue {
     pub fn push(&mut self, data: Rc<[u8]>, now_ms: impl FnOnce() -> u64) -> Result<(), Full> {
         let after = self.bytes + data.len();
         if after > self.limit.soft {
-            if after > self.limit.soft + self.limit.burst {
+            if !self.limit.admits(self.bytes, data.len()) {
                 return Err(Full);
             }
             let now_ms = now_ms();
@@ -267,6 +282,7 @@ mod tests {
             soft: 60,
             burst: 40,
             grace_ms: 0,
+            oversized: false,
         });
         q.push(chunk(&"x".repeat(24)), || 0).unwrap();
         assert!(!q.is_large());
@@ -297,6 +313,7 @@ mod tests {
             soft: 10,
             burst: 20,
             grace_ms: 100,
+            oversized: false,
         };
         let mut q = SendQueue::new(limit);
         assert_eq!(q.push(chunk("0123456789"), || 1000), Ok(()));
@@ -313,6 +330,37 @@ mod tests {
         assert_eq!(q.bytes(), 9);
         assert_eq!(q.push(chunk("0123456789"), || 5000), Ok(()));
         assert_eq!(q.push(chunk("x"), || 5100), Ok(()));
+    }
+
+    #[test]
+    fn a_chunk_larger_than_the_allowance_joins_a_queue_not_behind() {
+        let limit = Limit {
+            soft: 10,
+            burst: 5,
+            grace_ms: 100,
+            oversized: true,
+        };
+        let big = || chunk(&"x".repeat(40));
+        let mut q = SendQueue::new(limit);
+        assert_eq!(q.push(big(), || 1000), Ok(()));
+        // Nothing more until it has left: the queue is past everything.
+        assert_eq!(q.push(chunk("y"), || 1000), Err(Full));
+        q.advance(40);
+        // Small events waiting (up to soft) do not keep it out...
+        assert_eq!(q.push(chunk(&"s".repeat(10)), || 2000), Ok(()));
+        assert_eq!(q.push(big(), || 2000), Ok(()));
+        // ...and with it in, the queue is past everything again.
+        assert_eq!(q.push(chunk("y"), || 2000), Err(Full));
+        let mut q = SendQueue::new(limit);
+        // A queue already over soft is behind: it is refused.
+        assert_eq!(q.push(chunk(&"s".repeat(11)), || 3000), Ok(()));
+        assert_eq!(q.push(big(), || 3000), Err(Full));
+        // A chunk within the allowance is judged as ever.
+        assert_eq!(q.push(chunk("abcd"), || 3000), Ok(()));
+        assert_eq!(q.push(chunk("e"), || 3000), Err(Full));
+        // Without `oversized`, such a chunk never fits.
+        let mut q = SendQueue::new(Limit::strict(10));
+        assert_eq!(q.push(big(), || 0), Err(Full));
     }
 
     #[test]
