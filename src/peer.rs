@@ -140,7 +140,12 @@ impl PeerConn {
             // keeps per-connection fields from leaking into the cycle's log.
             log: unsafe { ptr::read(log) },
             state: State::Down,
-            queue: SendQueue::new(Limit::strict(backlog)),
+            // A command longer than the whole backlog (a long message, a
+            // small backlog) still goes when the queue is within it.
+            queue: SendQueue::new(Limit {
+                oversized: true,
+                ..Limit::strict(backlog)
+            }),
             inbuf: Vec::new(),
             // SAFETY: an all-zero event is an idle, unarmed one; arm_retry
             // fills in what nginx needs before it is used.

@@ -3,6 +3,10 @@
 # one is refused with a "backlog_full" error event to its sender and is
 # never delivered; the messages accepted before it are delivered to the
 # other member (and the sender) once Redis is back, in order.
+# A message longer than the whole backlog: with Redis reachable it is
+# published; during the outage it is taken while no more than the backlog
+# waits, and the next one is refused (at most the backlog and one message
+# more), and it too is delivered once Redis is back.
 use strict;
 use warnings;
 use FindBin;
@@ -32,6 +36,13 @@ my $port = $nginx->port;
 my $alice = WSClient->join(port => $port, room => $ROOM, nick => 'alice');
 my $bob   = WSClient->join(port => $port, room => $ROOM, nick => 'bob');
 ok($_->wait_type('join', 5, sub { $_[0]{user} eq 'bob' }), 'bob\'s join seen') for $alice, $bob;
+
+ok($alice->send_text('long-' . ('z' x 3000)), 'Redis reachable: alice sends 3005 bytes, more than the backlog');
+for my $x ([alice => $alice], [bob => $bob]) {
+    ok($x->[1]->wait_type('message', 5, sub { $_[0]{text} =~ /^long-z+$/ && length $_[0]{text} == 3005 }),
+       "$x->[0] receives it");
+}
+is(scalar(grep { ($_->{code} // '') eq 'backlog_full' } $alice->events), 0, '... and alice no backlog_full');
 
 $redis->stop;
 for my $x ([alice => $alice], [bob => $bob]) {
@@ -70,6 +81,15 @@ is(scalar(@other_events), 0, 'no other events while sending during the outage')
     or diag(join "\n", map { $_->{type} . ' ' . ($_->{code} // '') } @other_events);
 my $b_err = grep { ($_->{code} // '') eq 'backlog_full' } $bob->events;
 is($b_err, 0, 'bob (who sent nothing) got no backlog_full error');
+
+sub long_for { my $h = sprintf 'bl-%02d-', $_[0]; $h . ('y' x (4000 - length $h)) }
+sub refused { grep { ($_->{type} // '') eq 'error' && ($_->{code} // '') eq 'backlog_full' } @_ }
+ok($alice->send_text(long_for(50)), 'alice sends 4000 bytes, more than the whole backlog');
+my ($pong, @ev) = ping_pong($alice, 5);
+ok($pong && !refused(@ev), '... it is taken: no more than the backlog waits') and push @accepted, 50;
+ok($alice->send_text(long_for(51)), 'alice sends another 4000 bytes');
+($pong, @ev) = ping_pong($alice, 5);
+ok(scalar refused(@ev), '... that one is refused: the backlog is past its size');
 
 # --- Redis back
 $redis->restart;

@@ -8,10 +8,12 @@
 //! has two parts, as Redis's own client output buffers do: bytes over
 //! `soft` are allowed for `grace_ms`, and never more than `burst` of them.
 //!
-//! A room's frame is one chunk shared by every member: one larger than the
-//! whole allowance would, refused, close every member however promptly it
-//! reads. Such a chunk is let in where the limit says so (`oversized`), as
-//! long as no more than `soft` waits before it.
+//! A chunk larger than the whole allowance (a long message, a small limit)
+//! would never fit. Refusing a room's frame, shared by every member, would
+//! close every member however promptly it reads; refusing a command to
+//! Redis would turn away a message that Redis could take at once. Where the
+//! limit says so (`oversized`), such a chunk is let in as long as no more
+//! than `soft` waits before it.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
