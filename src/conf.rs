@@ -602,6 +602,11 @@ pub extern "C" fn merge_loc_conf(
     ptr::null_mut()
 }
 
+/// `file:line`, or nothing where the place is unknown.
+fn place_text(at: Option<&ConfPlace>) -> String {
+    at.map_or(String::new(), ConfPlace::to_string)
+}
+
 /// Locations with the same Redis and channel prefix share their rooms, and
 /// so each room's history: Redis trims it to the setting of the last writer,
 /// and it lacks what was published with history off. Only a warning, since
@@ -622,8 +627,6 @@ fn warn_shared_history(cf: *mut ngx_conf_t, conf: &LocConf) {
             at: conf.chat_at.clone(),
         }),
         Some(first) if first.history != history => {
-            let place =
-                |at: &Option<ConfPlace>| at.as_ref().map_or(String::new(), |p| p.to_string());
             // SAFETY: cf->log is the configuration's log during merging.
             let log = unsafe { (*cf).log };
             ngx_log_error!(
@@ -631,9 +634,9 @@ fn warn_shared_history(cf: *mut ngx_conf_t, conf: &LocConf) {
                 log,
                 "\"websocket_chat_history\" is {} in the location at {} and {} in the one at {}, which share rooms (the same Redis and channel prefix \"{}\"): each room's history is kept as the location that last wrote to it says, and misses what is sent where it is off",
                 HistoryText(first.history),
-                place(&first.at),
+                place_text(first.at.as_ref()),
                 HistoryText(history),
-                place(&conf.chat_at),
+                place_text(conf.chat_at.as_ref()),
                 prefix
             );
         }
@@ -649,10 +652,6 @@ fn warn_small_send_buffer(cf: *mut ngx_conf_t, conf: &LocConf) {
     if limit.soft + limit.burst >= conf.max_message() {
         return;
     }
-    let place = conf
-        .chat_at
-        .as_ref()
-        .map_or(String::new(), ConfPlace::to_string);
     // SAFETY: cf->log is the configuration's log during merging.
     let log = unsafe { (*cf).log };
     ngx_log_error!(
@@ -661,7 +660,7 @@ fn warn_small_send_buffer(cf: *mut ngx_conf_t, conf: &LocConf) {
         "\"websocket_chat_send_buffer\" ({} bytes with its burst) is smaller than \"websocket_chat_max_message\" ({} bytes) in the location at {}: members get such long messages one at a time, and one that has one waiting when the next comes is closed as a slow consumer",
         limit.soft + limit.burst,
         conf.max_message(),
-        place
+        place_text(conf.chat_at.as_ref())
     );
 }
 
