@@ -657,7 +657,7 @@ fn warn_small_send_buffer(cf: *mut ngx_conf_t, conf: &LocConf) {
     ngx_log_error!(
         NGX_LOG_WARN,
         log,
-        "\"websocket_chat_send_buffer\" ({} bytes with its burst) is smaller than \"websocket_chat_max_message\" ({} bytes) in the location at {}: members get such long messages one at a time, and one that has one waiting when the next comes is closed as a slow consumer",
+        "\"websocket_chat_send_buffer\" ({} bytes with its burst) is smaller than \"websocket_chat_max_message\" ({} bytes) in the location at {}: members get such long messages one at a time, and one still holding much of one when the next comes is closed as a slow consumer",
         limit.soft + limit.burst,
         conf.max_message(),
         place_text(conf.chat_at.as_ref())
